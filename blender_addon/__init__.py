@@ -1,0 +1,6 @@
+"""Concord's Blender add-on (a Blender 4.2+ extension).
+
+Only `ui/`, `ops/`, `props/`, `capture/` and `prefs.py` touch bpy; `core/` is plain Python + numpy and is also
+used outside Blender (the command line and tests import `blender_addon.core`). Importing this package must not
+require bpy: bpy-facing modules are imported inside `register()`.
+"""

@@ -1,0 +1,44 @@
+"""A stdlib mirror of the server's protocol (server/concord/api/schemas.py is the source of truth).
+
+The add-on cannot import pydantic or the server package, so the few facts it relies on are restated here, and
+tests/core/test_protocol_mirror.py fails when they drift from the server's schemas or docs/openapi.json.
+"""
+
+PROTOCOL_VERSION = 1
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED_STATES = ("done", "failed", "cancelled")
+
+# Fields the add-on reads from each response.
+HEALTH_FIELDS = (
+    "protocol_version",
+    "server_version",
+    "model",
+    "model_kind",
+    "device",
+    "dtype",
+    "queue_length",
+    "queue_capacity",
+    "busy",
+    "job_kinds",
+)
+JOB_STATUS_FIELDS = (
+    "id",
+    "kind",
+    "state",
+    "stage",
+    "step",
+    "total",
+    "message",
+    "error",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "files",
+)
+ERROR_FIELDS = ("error", "field", "hint")
+
+# Job kinds the add-on submits, with the parameters it may send.
+JOB_PARAMS = {
+    "depth_image": ("prompt", "negative_prompt", "seed", "steps", "guidance", "conditioning_scale"),
+}

@@ -1,0 +1,417 @@
+"""The HTTP server: FastAPI routes over the job manager, the model loaded once in the app's lifespan.
+
+Routes (protocol in `schemas.py`, prose in docs/protocol.md):
+  GET  /v1/health                 server, model, device, queue
+  GET  /v1/models                 presets and whether each loads offline now
+  POST /v1/jobs                   multipart: `request` (JSON) + `arrays` (.npz) -> 202 {id}; 429 queue full; 413 too big
+  GET  /v1/jobs                   recent jobs
+  GET  /v1/jobs/{id}              state, stage, step/total, message, error
+  GET  /v1/jobs/{id}/result       the result files as one .zip, once done
+  GET  /v1/jobs/{id}/result/{name} one result file
+  POST /v1/jobs/{id}/cancel       stop a queued or running job (a running sampler stops within one step)
+
+Every error answer is `ErrorBody` JSON (`{error, field, hint}`), whatever raised it. When a token is set every
+request needs `Authorization: Bearer <token>`.
+
+Never runs model code on the event loop: jobs run on the manager's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import zipfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from concord import __version__
+from concord.api import schemas
+from concord.api.arrays import ArrayError, decode_npz, validate_arrays
+from concord.api.schemas import ErrorBody, JobState
+from concord.jobs.context import JobInputError
+from concord.jobs.manager import Job, JobManager, JobNotFound, QueueFull
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ADAPTER = TypeAdapter(schemas.JobRequest)
+
+
+@dataclass
+class ServerSettings:
+    model: str = "tiny"
+    device: str = "auto"
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".concord")
+    token: str | None = None
+    max_queue: int = 8
+    max_history: int = 500
+    max_upload_mb: int = 256
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None, hint: str | None = None, headers=None):
+        super().__init__(error)
+        self.status = status
+        self.body = ErrorBody(error=error, field=field, hint=hint)
+        self.headers = headers
+
+
+def _error_response(status: int, body: ErrorBody, headers=None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
+
+
+_ERROR_RESPONSES = {
+    code: {"model": ErrorBody, "description": desc}
+    for code, desc in [
+        (400, "Malformed request (unreadable JSON or .npz)."),
+        (401, "Missing or wrong bearer token."),
+        (404, "No such job or file."),
+        (409, "The job is not done (no result yet)."),
+        (413, "The request is larger than the server accepts."),
+        (422, "Well-formed but invalid parameters or arrays."),
+        (429, "The job queue is full; retry later."),
+    ]
+}
+
+
+def create_app(settings: ServerSettings, model=None) -> FastAPI:
+    """Build the app. `model`: an already loaded `LoadedModel` (the CLI loads it first to fail fast); when None the
+    lifespan loads `settings.model`."""
+    from concord.pipelines.kinds import JOB_KINDS
+
+    state: dict = {}
+
+    def execute(job: Job, ctx) -> None:
+        kind = JOB_KINDS[job.kind]
+        try:
+            kind.run(state["model"], job.params, job.arrays, ctx)
+        finally:
+            _free_device_memory(state["model"].device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from concord.models.registry import load_model, quiet_libraries
+
+        quiet_libraries()
+        state["model"] = model if model is not None else await asyncio.to_thread(load_model, settings.model, settings.device)
+        manager = JobManager(settings.data_dir, execute, max_queue=settings.max_queue, max_history=settings.max_history)
+        manager.start()
+        state["manager"] = manager
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(manager.stop)
+
+    app = FastAPI(
+        title="Concord",
+        version=__version__,
+        summary="Local job server for consistent multi-image diffusion (protocol v%d)." % schemas.PROTOCOL_VERSION,
+        lifespan=lifespan,
+    )
+    max_bytes = settings.max_upload_mb * 1024 * 1024
+
+    # ----------------------------------------------------------------------------------------------- middleware
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if settings.token:
+            got = request.headers.get("authorization", "")
+            want = f"Bearer {settings.token}"
+            if not hmac.compare_digest(got.encode(), want.encode()):
+                return _error_response(
+                    401,
+                    ErrorBody(
+                        error="missing or wrong token" if got else "this server needs a token",
+                        field="Authorization",
+                        hint="send `Authorization: Bearer <token>` with the token the server was started with",
+                    ),
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > max_bytes
+            except ValueError:
+                return _error_response(400, ErrorBody(error="bad Content-Length header", field="Content-Length"))
+            if too_big:
+                return _error_response(413, _too_large(settings.max_upload_mb))
+        return await call_next(request)
+
+    # ----------------------------------------------------------------------------------------------- error bodies
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.body, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        hint = "see docs/protocol.md for the routes" if exc.status_code in (404, 405) else None
+        return _error_response(exc.status_code, ErrorBody(error=str(exc.detail), hint=hint), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        return _error_response(422, ErrorBody(error=first["msg"], field=".".join(str(p) for p in first["loc"])))
+
+    # ----------------------------------------------------------------------------------------------- routes
+    def manager() -> JobManager:
+        return state["manager"]
+
+    def find(job_id: str) -> Job:
+        try:
+            return manager().get(job_id)
+        except JobNotFound:
+            raise ApiError(404, f"no job {job_id!r}", field="id", hint="list jobs with GET /v1/jobs") from None
+
+    @app.get("/v1/health", response_model=schemas.HealthResponse, tags=["server"])
+    def health() -> schemas.HealthResponse:
+        m = state["model"]
+        return schemas.HealthResponse(
+            protocol_version=schemas.PROTOCOL_VERSION,
+            server_version=__version__,
+            model=m.name,
+            model_kind=m.kind,
+            device=m.device,
+            dtype=m.dtype,
+            queue_length=manager().queue_length,
+            queue_capacity=manager().max_queue,
+            busy=manager().busy,
+            job_kinds=sorted(JOB_KINDS),
+        )
+
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["server"])
+    def models() -> schemas.ModelsResponse:
+        from concord.models.registry import PRESETS, offline_status
+
+        out = []
+        for p in PRESETS.values():
+            ok, reason = offline_status(p.name)
+            out.append(
+                schemas.ModelInfo(
+                    name=p.name,
+                    description=p.description,
+                    kind=p.kind,
+                    sources=[s for s in (p.base, p.controlnet) if s],
+                    loaded=p.name == state["model"].name,
+                    available_offline=ok,
+                    reason=reason,
+                )
+            )
+        return schemas.ModelsResponse(models=out)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=schemas.JobCreated,
+        tags=["jobs"],
+        responses=_ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["request"],
+                            "properties": {
+                                "request": {"$ref": "#/components/schemas/JobRequest"},
+                                "arrays": {"type": "string", "format": "binary", "description": "an .npz (numpy.savez)"},
+                            },
+                        },
+                        "encoding": {"request": {"contentType": "application/json"}},
+                    }
+                },
+            }
+        },
+    )
+    async def create_job(request: Request) -> schemas.JobCreated:
+        body = await _read_body_limited(request, max_bytes, settings.max_upload_mb)
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(
+                415 if body else 400,
+                "a job is sent as multipart/form-data",
+                field="Content-Type",
+                hint="send a `request` part (JSON) and an `arrays` part (.npz); see docs/protocol.md",
+            )
+        try:
+            form = await request.form(max_files=2, max_fields=2, max_part_size=1024 * 1024)
+        except Exception as exc:  # multipart parser errors come in several types
+            raise ApiError(400, f"unreadable multipart body ({exc})", hint="see docs/protocol.md for the format") from None
+        unknown = sorted(set(form.keys()) - {"request", "arrays"})
+        if unknown:
+            raise ApiError(422, f"unexpected part {unknown[0]!r}", field=unknown[0], hint="send only `request` and `arrays`")
+        raw = form.get("request")
+        if raw is None:
+            raise ApiError(422, "missing the `request` part", field="request", hint='send {"kind": ..., "params": {...}} as JSON')
+        if not isinstance(raw, str):
+            raw = (await raw.read()).decode("utf-8", errors="replace")
+        try:
+            payload = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"the `request` part is not valid JSON ({exc})", field="request") from None
+        job_req = _parse_job_request(payload)
+        kind = JOB_KINDS[job_req.kind]
+
+        upload = form.get("arrays")
+        if upload is None:
+            arrays = {}
+        elif isinstance(upload, str):
+            raise ApiError(422, "the `arrays` part must be a file (.npz)", field="arrays", hint="send it as a file part")
+        else:
+            data = await upload.read()
+            try:
+                arrays = await asyncio.to_thread(decode_npz, data, max_bytes * 4)
+            except ArrayError as exc:
+                raise ApiError(400 if exc.field == "arrays" else 422, str(exc), exc.field, exc.hint) from None
+        try:
+            arrays = await asyncio.to_thread(validate_arrays, arrays, kind.arrays)
+            kind.check_inputs(job_req.params, arrays)
+        except (ArrayError, JobInputError) as exc:
+            raise ApiError(422, str(exc), exc.field, exc.hint) from None
+        try:
+            job = manager().submit(job_req.kind, job_req.params, arrays)
+        except QueueFull as exc:
+            raise ApiError(
+                429, f"the job queue is full: {exc}", hint="wait for a job to finish, then retry", headers={"Retry-After": "5"}
+            ) from None
+        return schemas.JobCreated(id=job.id, kind=job.kind, state=job.state)
+
+    @app.get("/v1/jobs", response_model=schemas.JobList, tags=["jobs"])
+    def list_jobs() -> schemas.JobList:
+        return schemas.JobList(jobs=[j.status() for j in manager().list()])
+
+    @app.get("/v1/jobs/{job_id}", response_model=schemas.JobStatus, tags=["jobs"], responses=_ERROR_RESPONSES)
+    def job_status(job_id: str) -> schemas.JobStatus:
+        return find(job_id).status()
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.JobStatus, tags=["jobs"], responses=_ERROR_RESPONSES)
+    def cancel_job(job_id: str) -> schemas.JobStatus:
+        find(job_id)
+        return manager().cancel(job_id).status()
+
+    def done_job(job_id: str) -> Job:
+        job = find(job_id)
+        if job.state != JobState.done:
+            hint = "poll GET /v1/jobs/{id} until state is done" if job.state in (JobState.queued, JobState.running) else None
+            raise ApiError(409, f"job {job_id} is {job.state.value}, it has no result", field="id", hint=hint)
+        return job
+
+    @app.get(
+        "/v1/jobs/{job_id}/result",
+        tags=["jobs"],
+        responses={200: {"content": {"application/zip": {}}, "description": "Every result file, zipped."}, **_ERROR_RESPONSES},
+    )
+    def job_result(job_id: str) -> Response:
+        job = done_job(job_id)
+        root = manager().result_dir(job.id)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for name in job.files:
+                zf.write(root / name, name)
+        return Response(
+            buf.getvalue(),
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="concord-{job.id}.zip"'},
+        )
+
+    @app.get(
+        "/v1/jobs/{job_id}/result/{name:path}",
+        tags=["jobs"],
+        responses={200: {"content": {"application/octet-stream": {}}, "description": "One result file."}, **_ERROR_RESPONSES},
+    )
+    def job_result_file(job_id: str, name: str) -> FileResponse:
+        job = done_job(job_id)
+        if name not in job.files:
+            raise ApiError(404, f"job {job_id} has no file {name!r}", field="name", hint=f"files: {', '.join(job.files)}")
+        return FileResponse(manager().result_dir(job.id) / name)
+
+    _install_openapi(app)
+    return app
+
+
+def _parse_job_request(payload) -> schemas.DepthImageJob:
+    from concord.pipelines.kinds import JOB_KINDS
+
+    if not isinstance(payload, dict):
+        raise ApiError(422, "the `request` part must be a JSON object", field="request", hint='{"kind": ..., "params": {...}}')
+    kind = payload.get("kind")
+    if kind not in JOB_KINDS:
+        raise ApiError(
+            422,
+            f"unknown job kind {kind!r}" if kind is not None else "missing job kind",
+            field="kind",
+            hint=f"one of: {', '.join(sorted(JOB_KINDS))}",
+        )
+    try:
+        return _REQUEST_ADAPTER.validate_python(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if str(p) != kind]
+        return_field = ".".join(loc) or "request"
+        raise ApiError(422, f"{return_field}: {err['msg']}", field=return_field, hint=_hint_for(err)) from None
+
+
+def _hint_for(err: dict) -> str | None:
+    t = err.get("type", "")
+    if t == "extra_forbidden":
+        return "remove it: unknown fields are refused so typos do not pass silently"
+    if t == "missing":
+        return "this field is required"
+    ctx = err.get("ctx") or {}
+    bounds = [f"{k.replace('_', ' ')} {v}" for k, v in ctx.items() if k in ("ge", "le", "gt", "lt", "max_length", "min_length")]
+    return ("allowed: " + ", ".join(bounds)) if bounds else None
+
+
+def _too_large(limit_mb: int) -> ErrorBody:
+    return ErrorBody(
+        error=f"the request is larger than this server accepts ({limit_mb} MiB)",
+        field="arrays",
+        hint="send fewer or smaller views, or start the server with a larger --max-upload-mb",
+    )
+
+
+async def _read_body_limited(request: Request, max_bytes: int, limit_mb: int) -> bytes:
+    """Read the body, stopping at the limit even when no Content-Length was sent (chunked uploads)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, _too_large(limit_mb).error, "arrays", _too_large(limit_mb).hint)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette serves the cached body to request.form()
+    return body
+
+
+def _free_device_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the job request union to the OpenAPI components (the route parses multipart by hand)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        doc["info"]["x-protocol-version"] = schemas.PROTOCOL_VERSION
+        extra = _REQUEST_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        comps.update(extra.pop("$defs", {}))
+        comps["JobRequest"] = extra
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
