@@ -67,20 +67,27 @@ def build_components(seed: int = 0) -> dict:
             norm_num_groups=8,
             attention_head_dim=8,
         )
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-        # ControlNet starts with zero convolutions (its conditioning embedding's last layer and every output
-        # projection), so untrained it ignores the depth. Give them small random weights so the depth changes the
-        # image: tests can then tell whether conditioning reaches the UNet.
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+        # ControlNet starts with zero convolutions (every output projection), so untrained it ignores the depth;
+        # and at default init its conditioning encoder's 8 stacked convolutions shrink the signal until only their
+        # biases remain. Variance-preserving weights there and small random output projections make the depth
+        # change the image, so tests can tell whether conditioning reaches the UNet.
         torch.manual_seed(seed + 1)
-        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
-        for conv in list(controlnet.controlnet_down_blocks) + zero_convs:
-            torch.nn.init.normal_(conv.weight, std=0.5)
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(conv.bias)
+        for conv in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+        # Four blocks: the latent is 1/8 of the image, as in Stable Diffusion, so latent-to-texel geometry and
+        # memory scale the way they do with real checkpoints.
         vae = AutoencoderKL(
-            block_out_channels=(16, 32),
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
             latent_channels=4,
             norm_num_groups=8,
         )
