@@ -16,6 +16,7 @@ os.environ.setdefault("XDG_CACHE_HOME", os.path.join(_TMP_HOME, "cache"))
 os.environ.setdefault("XDG_CONFIG_HOME", os.path.join(_TMP_HOME, "config"))
 os.environ.setdefault("BLENDER_USER_RESOURCES", os.path.join(_TMP_HOME, "blender"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _cuda_available() -> bool:

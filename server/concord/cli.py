@@ -43,7 +43,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def cmd_serve(args) -> int:
     from concord.api.app import ServerSettings, create_app
-    from concord.models.registry import ModelUnavailable, load_model, quiet_libraries
+    from concord.models.registry import ModelUnavailable, load_model
 
     token = args.token or os.environ.get("CONCORD_TOKEN") or None
     if not _is_loopback(args.host) and not token:
@@ -55,7 +55,6 @@ def cmd_serve(args) -> int:
     if not _port_free(args.host, args.port):
         return _fail("serve", f"port {args.port} on {args.host} is in use (another Concord server?). Pick another with --port.")
     data_dir = Path(args.data_dir).expanduser()
-    quiet_libraries()
     print(f"Concord {__version__}: loading model {args.model!r} (device {args.device})...", flush=True)
     try:
         model = load_model(args.model, args.device)
@@ -164,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from concord.models.registry import quiet_libraries
+
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

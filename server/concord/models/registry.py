@@ -156,6 +156,7 @@ def offline_status(name: str) -> tuple[bool, str | None]:
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
     """Load a preset, folder or single file onto `device`. Raises ModelUnavailable with a user-facing message."""
+    quiet_libraries()
     import torch
 
     device = resolve_device(device)
@@ -270,13 +271,10 @@ def _load_single_file(path: Path, dtype):
 
 
 def quiet_libraries() -> None:
-    """Keep transformers/diffusers chatter (e.g. about torchvision) out of users' consoles."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
+    """Keep transformers/diffusers chatter (e.g. about torchvision) out of users' consoles.
 
-        tlog.set_verbosity_error()
-        dlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    Call before diffusers' pipelines are first imported: transformers reads TRANSFORMERS_VERBOSITY then.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
