@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.concord-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench openapi clean
+.PHONY: demo test venv bench openapi clean addon
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Concord needs Python 3.11 (the bpy wheel pins it); set PYTHON=/path/to/python3.11"'
@@ -24,6 +24,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/concord demo --out out/demo
+
+# The Blender extension zip, built and validated by Blender's own packager (shipped inside the bpy wheel).
+BLENDER_EXT = $(shell $(BIN)/python -c 'import bpy, os; print(os.path.join(bpy.utils.system_resource("SCRIPTS"), "addons_core", "bl_pkg", "cli", "blender_ext.py"))' 2>/dev/null)
+addon: $(STAMP)
+	@test -n "$(BLENDER_EXT)" || { echo "make addon: needs the bpy wheel in $(VENV)"; exit 2; }
+	$(BIN)/python "$(BLENDER_EXT)" validate blender_addon
+	@mkdir -p dist
+	$(BIN)/python "$(BLENDER_EXT)" build --source-dir blender_addon --output-dir dist
+	$(BIN)/python "$(BLENDER_EXT)" validate dist/concord-$$(sed -n 's/^version = "\(.*\)"/\1/p' blender_addon/blender_manifest.toml).zip
 
 bench: $(STAMP)
 	$(BIN)/python bench/server.py

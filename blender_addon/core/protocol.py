@@ -41,4 +41,9 @@ ERROR_FIELDS = ("error", "field", "hint")
 # Job kinds the add-on submits, with the parameters it may send.
 JOB_PARAMS = {
     "depth_image": ("prompt", "negative_prompt", "seed", "steps", "guidance", "conditioning_scale"),
+    # TextureParams' top-level fields; `consistency` and `bake` are objects (see core/packing.texture_params)
+    "texture": (
+        "prompt", "negative_prompt", "seed", "steps", "guidance", "conditioning_scale", "texture_size",
+        "consistency", "bake",
+    ),
 }

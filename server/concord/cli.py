@@ -1,4 +1,4 @@
-"""`concord`: the command line. Subcommands: serve, models, openapi, bake, demo.
+"""`concord`: the command line. Subcommands: serve, models, openapi, bake, texture, train-micro, demo.
 
 Errors a user can cause print one line `concord <cmd>: error: ...` (plus a hint) and exit 2, never a traceback.
 """
@@ -115,6 +115,18 @@ def cmd_bake(args) -> int:
     return bake_command.main_from_args(args)
 
 
+def cmd_texture(args) -> int:
+    from concord import texture_command
+
+    return texture_command.main_from_args(args)
+
+
+def cmd_train_micro(args) -> int:
+    from concord.micro import train as micro_train
+
+    return micro_train.main_from_args(args)
+
+
 def cmd_demo(args) -> int:
     from concord import demo
 
@@ -154,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("bake", help="bake given images onto a mesh's UVs from a transforms.json rig")
         bake_command.add_arguments(p)
         p.set_defaults(func=cmd_bake)
+
+    from concord import texture_command
+
+    p = sub.add_parser("texture", help="texture a mesh from a prompt (in-process, or on a server with --server)")
+    texture_command.add_arguments(p)
+    p.set_defaults(func=cmd_texture)
+
+    from concord.micro import train as micro_train
+
+    p = sub.add_parser("train-micro", help="train Concord's embedded micro model (docs/micro-model.md)")
+    micro_train.add_arguments(p)
+    p.set_defaults(func=cmd_train_micro)
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded model")
     p.add_argument("--out", default="out/demo")

@@ -110,7 +110,55 @@ class DepthImageJob(_Strict):
     params: DepthImageParams
 
 
-JobRequest = Annotated[Union[DepthImageJob], Field(discriminator="kind")]
+class ConsistencyOptions(_Strict):
+    """How the views of a `texture` job are made to agree. Every switch combines with every other."""
+
+    grid: bool = Field(default=False, description="Tile the views into one image (Zero123++-style grid stacking).")
+    grid_rows: int | None = Field(default=None, ge=1, le=8, description="Grid rows; default 3x2 for six views, else near square.")
+    grid_cols: int | None = Field(default=None, ge=1, le=8)
+    shared_attention: Literal["off", "all", "reference"] = Field(
+        default="all", description="Extended self-attention across views: off, every view, or the reference views."
+    )
+    reference_views: list[int] = Field(default_factory=lambda: [0], max_length=16)
+    attention_chunk: int | None = Field(default=None, ge=1, description="Query chunk for shared attention (memory bound).")
+    uv_sync: bool = Field(default=True, description="Average the views' clean-latent predictions in UV space each step.")
+    sync_start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync starts.")
+    sync_end: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync stops.")
+    uv_noise: bool = Field(default=True, description="Initial noise drawn on the surface, shared by the views that see it.")
+    loss_guidance: bool = Field(default=False, description="SyncDiffusion-style gradient guidance (expensive).")
+    loss_guidance_scale: float = Field(default=20.0, ge=0.0, le=10000.0)
+    loss_guidance_until: float = Field(default=0.3, ge=0.0, le=1.0, description="Fraction of the steps it applies to.")
+
+
+class BakeOptions(_Strict):
+    cos_power: float = Field(default=4.0, ge=0.0, le=32.0, description="Weight views by cos(theta)^g.")
+    padding: int = Field(default=4, ge=0, le=64, description="Texels of padding around UV islands.")
+
+
+class TextureParams(_Strict):
+    """Texture a mesh from a prompt (job kind `texture`).
+
+    Arrays: a ViewSet (`concord.geometry.viewset`): `depth` (V,H,W), `mask` (V,H,W), `uv` (V,H,W,2), `normal`
+    (V,H,W,3), `intrinsics` (V,3,3), `world_to_camera` (V,4,4); H and W are the view resolution.
+    """
+
+    prompt: str = Field(max_length=2000)
+    negative_prompt: str = Field(default="", max_length=2000)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    steps: int = Field(default=30, ge=1, le=200)
+    guidance: float = Field(default=7.5, ge=0.0, le=50.0)
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=4.0)
+    texture_size: int = Field(default=1024, ge=64, le=8192)
+    consistency: ConsistencyOptions = Field(default_factory=ConsistencyOptions)
+    bake: BakeOptions = Field(default_factory=BakeOptions)
+
+
+class TextureJob(_Strict):
+    kind: Literal["texture"]
+    params: TextureParams
+
+
+JobRequest = Annotated[Union[DepthImageJob, TextureJob], Field(discriminator="kind")]
 
 
 class JobCreated(_Strict):

@@ -34,10 +34,11 @@ class ModelUnavailable(RuntimeError):
 class Preset:
     name: str
     description: str
-    kind: str  # "controlnet" | "depth2img" | "sdxl-controlnet"
+    kind: str  # "controlnet" | "depth2img" | "sdxl-controlnet" | "micro"
     base: str | None = None  # hub id of the pipeline
     controlnet: str | None = None  # hub id of the depth ControlNet
     builtin: bool = False  # built in code, needs no files
+    shipped: bool = False  # weights ship inside the package (concord/models/weights/<name>)
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,6 +50,14 @@ PRESETS: dict[str, Preset] = {
             "pictures are noise. For tests and a first run.",
             "controlnet",
             builtin=True,
+        ),
+        Preset(
+            "micro",
+            "Concord's own 3M-parameter pixel-space text+depth model, trained on procedural shapes and "
+            "shipped with the package: colours follow the prompt; simple patterns; 64-128 px views. "
+            "See docs/micro-model.md.",
+            "micro",
+            shipped=True,
         ),
         Preset(
             "sd15-depth",
@@ -109,6 +118,10 @@ def _dtype_for(device: str):
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
+def _shipped_weights(name: str) -> Path:
+    return Path(__file__).resolve().parent / "weights" / name
+
+
 def _hub_cached(repo_id: str) -> bool:
     """Whether a hub repo's pipeline or model config is in the local cache (no network)."""
     from huggingface_hub import try_to_load_from_cache
@@ -137,6 +150,14 @@ def offline_status(name: str) -> tuple[bool, str | None]:
         preset = PRESETS[name]
         if preset.builtin:
             return True, None
+        if preset.shipped:
+            folder = _shipped_weights(preset.name)
+            if (folder / "model_index.json").is_file():
+                return True, None
+            return False, (
+                f"its weights are missing from {folder}: this installation is incomplete. Reinstall Concord, "
+                f"or train them with `concord train-micro --out DIR` and copy DIR/model there"
+            )
         needed = [r for r in (preset.base, preset.controlnet) if r]
         missing = [r for r in needed if not _hub_cached(r)]
         if missing:
@@ -170,6 +191,16 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
             if dtype != torch.float32:
                 pipe.to(dtype=dtype)
             sources: list[str] = []
+        elif preset.shipped:
+            ok, reason = offline_status(name)
+            if not ok:
+                raise ModelUnavailable(f"Model {name!r} cannot load: {reason}")
+            from concord.micro.model import load_micro
+
+            pipe = load_micro(_shipped_weights(name))
+            if dtype != torch.float32:
+                pipe.to(dtype=dtype)
+            sources = [str(_shipped_weights(name))]
         else:
             ok, reason = offline_status(name)
             if not ok:
@@ -216,6 +247,7 @@ def _load_preset(preset: Preset, dtype):
 
 
 _FOLDER_KINDS = {
+    "MicroPipeline": "micro",
     "StableDiffusionControlNetPipeline": "controlnet",
     "StableDiffusionDepth2ImgPipeline": "depth2img",
     "StableDiffusionXLControlNetPipeline": "sdxl-controlnet",
@@ -236,7 +268,12 @@ def _load_folder(path: Path, dtype):
             f"{', '.join(_FOLDER_KINDS)}."
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        if kind == "micro":
+            from concord.micro.model import load_micro
+
+            pipe = load_micro(path, dtype=dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     except Exception as exc:
         raise _wrap_load_error(str(path), exc) from exc
     return pipe, kind

@@ -2,7 +2,7 @@
 
 The first job kind: small, real (the model's own diffusers pipeline), and the building block the multi-view
 `texture` job generalises. Works with every model kind the registry loads (ControlNet, SD2 depth2img, SDXL
-ControlNet).
+ControlNet, Concord's micro).
 
 Result files: `image.png` (sRGB), `control.png` (the conditioning the model saw), `result.json`.
 """
@@ -85,7 +85,10 @@ def run(model, params: DepthImageParams, arrays: dict[str, np.ndarray], ctx: Job
     )
     ctx.stage("denoising", total=params.steps)
     t0 = time.perf_counter()
-    if model.kind == "depth2img":
+    if model.kind == "micro":
+        # Concord's pixel-space model takes the planar depth itself and normalises it as in its training.
+        out = model.pipe(depth=depth, height=height, width=width, **common)
+    elif model.kind == "depth2img":
         # SD2-depth normalises the map itself; strength 1 starts from pure noise, so the grey image is unused.
         depth_map = torch.from_numpy(control)[None]
         grey = Image.new("RGB", (width, height), (128, 128, 128))

@@ -12,7 +12,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from concord.api.arrays import ArraysContract
-from concord.pipelines import depth_image
+from concord.pipelines import depth_image, texture
 
 
 @dataclass(frozen=True)
@@ -33,5 +33,13 @@ JOB_KINDS: dict[str, JobKind] = {
         check_inputs=depth_image.check_inputs,
         run=depth_image.run,
         summary="One image from a depth map and a prompt.",
+    ),
+    "texture": JobKind(
+        name="texture",
+        params_model=texture.TextureParams,
+        arrays=texture.ARRAYS,
+        check_inputs=texture.check_inputs,
+        run=texture.run,
+        summary="Views of a mesh generated jointly so they agree, baked into its UV texture.",
     ),
 }

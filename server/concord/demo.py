@@ -1,0 +1,303 @@
+"""`concord demo` (`make demo`): texture an object THROUGH THE BLENDER ADD-ON's own code path, end to end.
+
+What it does, all on this machine and offline:
+1. starts a real `concord serve --model MODEL` subprocess on a free loopback port (the `tiny` model by
+   default: random weights, so the texture is coloured noise -- the plumbing is real, the pictures are not);
+2. imports Blender as a Python module (the bpy wheel), enables the Concord add-on (``blender_addon``), builds
+   the object in code (Suzanne from Blender's primitives, a Subdivision Surface modifier, Smart UV Project
+   through the add-on's own one-click fix operator), saves ``demo.blend`` into OUT;
+3. runs the add-on's operator ``concord.texture_mesh(blocking=True)`` (capture with Cycles passes -> upload ->
+   server job -> download into ``OUT/concord/<object>_<timestamp>/`` -> new image + material);
+4. renders a Cycles turntable (8 frames, 256 px, 16 samples) and tiles it into ``turntable.png`` with PIL;
+5. writes into OUT: ``demo.blend``, ``texture.png``, ``grid.png`` (the generated views), ``turntable.png``,
+   ``panel.png`` (the add-on's sidebar panel, drawn from its own ``draw()``: a headless Blender cannot take a
+   screenshot), and prints where.
+
+Runs in about a minute on 2 CPU cores with `tiny`. Blender's user folders (XDG_CONFIG_HOME, XDG_CACHE_HOME,
+BLENDER_USER_RESOURCES) are pointed at a temporary folder so the demo never touches the user's Blender set-up.
+
+Layer rule: a command-line driver. It may import bpy and the add-on (it is Blender's user here), never the
+server's internals: the server is a subprocess spoken to over HTTP, as a user's Blender would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "a bronze statue of a monkey head, weathered green patina"
+VIEW_SIZE = 256
+STEPS = 10
+TEXTURE_SIZE = "1024"
+TURNTABLE_FRAMES = 8
+TURNTABLE_SIZE = 256
+TURNTABLE_SAMPLES = 16
+
+
+def _say(msg: str) -> None:
+    print(f"concord demo: {msg}", flush=True)
+
+
+def _import_bpy(home: Path):
+    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "BLENDER_USER_RESOURCES"):
+        os.environ[var] = str(home)
+    try:
+        import bpy  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "concord demo: error: needs the bpy wheel (Blender as a Python module): pip install 'concord[blender]' "
+            "(bpy==5.0.1, Python 3.11)"
+        ) from None
+    return sys.modules["bpy"]
+
+
+def build_object(bpy):
+    """Suzanne, smooth, with a level-2 Subdivision Surface modifier (captured evaluated), UVs by Smart UV."""
+    bpy.ops.mesh.primitive_monkey_add(size=2.0, location=(0.0, 0.0, 0.0))
+    ob = bpy.context.active_object
+    ob.name = "Monkey"
+    bpy.ops.object.shade_smooth()
+    ob.modifiers.new("Subdivision", "SUBSURF").levels = 2
+    while ob.data.uv_layers:  # start without UVs, as an unprepared model would
+        ob.data.uv_layers.remove(ob.data.uv_layers[0])
+    result = bpy.ops.concord.add_uv_map()  # the add-on's one-click fix (Smart UV Project)
+    if result != {"FINISHED"}:
+        raise RuntimeError(f"Smart UV Project failed: {result}")
+    return ob
+
+
+def _look_at(bpy, cam, target):
+    from mathutils import Vector
+
+    direction = Vector(target) - cam.location
+    cam.rotation_euler = direction.to_track_quat("-Z", "Y").to_euler()
+
+
+def render_turntable(bpy, ob, out_png: Path, frames: int = TURNTABLE_FRAMES, size: int = TURNTABLE_SIZE,
+                     samples: int = TURNTABLE_SAMPLES) -> Path:
+    """Cycles renders from ``frames`` azimuths around the object, tiled 4 per row into one PNG."""
+    from PIL import Image
+
+    scene = bpy.context.scene
+    r = scene.render
+    r.engine = "CYCLES"
+    r.resolution_x = r.resolution_y = size
+    r.resolution_percentage = 100
+    r.film_transparent = False
+    r.image_settings.file_format = "PNG"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    scene.cycles.use_adaptive_sampling = False
+    scene.cycles.use_denoising = False
+    scene.view_settings.view_transform = "Standard"
+    world = scene.world or bpy.data.worlds.new("World")
+    scene.world = world
+    bg = world.node_tree.nodes.get("Background") if world.node_tree else None
+    if bg is not None:
+        bg.inputs["Color"].default_value = (0.25, 0.25, 0.27, 1.0)
+        bg.inputs["Strength"].default_value = 1.0
+    sun = bpy.data.objects.new("Demo Sun", bpy.data.lights.new("Demo Sun", "SUN"))
+    sun.data.energy = 4.0
+    sun.rotation_euler = (math.radians(50), 0.0, math.radians(30))
+    scene.collection.objects.link(sun)
+    cam = bpy.data.objects.new("Turntable Camera", bpy.data.cameras.new("Turntable Camera"))
+    cam.data.lens = 50.0
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    center = ob.matrix_world.translation.copy()
+    radius = max(ob.dimensions) * 0.5
+    dist = 1.25 * radius / math.sin(math.atan(18.0 / cam.data.lens))
+    tiles = []
+    with tempfile.TemporaryDirectory(prefix="concord-turntable-") as tmp:
+        for i in range(frames):
+            a = 2 * math.pi * i / frames
+            cam.location = (center.x + dist * math.sin(a), center.y - dist * math.cos(a), center.z + 0.35 * dist)
+            _look_at(bpy, cam, center)
+            r.filepath = os.path.join(tmp, f"frame_{i:02d}.png")
+            bpy.ops.render.render(write_still=True)
+            tiles.append(Image.open(r.filepath).convert("RGB"))
+    cols = min(4, frames)
+    rows = math.ceil(frames / cols)
+    sheet = Image.new("RGB", (cols * size, rows * size))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % cols) * size, (i // cols) * size))
+    sheet.save(out_png)
+    return out_png
+
+
+def draw_panel_png(bpy, context, out_png: Path) -> Path:
+    """Draw the add-on's sidebar panel as a PNG from its own ``draw()`` (a headless Blender has no screen).
+
+    A recording stand-in for ``UILayout`` collects what ``CONCORD_PT_texture.draw`` and the Consistency
+    sub-panel put on screen (labels, properties with their current values, buttons, the progress bar), then
+    PIL draws those rows in Blender's dark theme. It shows the panel's content and order, not its pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    from blender_addon.ui import CONCORD_PT_consistency, CONCORD_PT_texture
+
+    rows: list[tuple[str, str, str]] = []  # (kind, label, value)
+
+    class Recorder:
+        def __init__(self, indent=0):
+            self.indent = indent
+            self.enabled = True
+            self.scale_y = 1.0
+            self.use_property_split = False
+            self.use_property_decorate = False
+
+        def _pad(self, text):
+            return "  " * self.indent + text
+
+        def column(self, **_):
+            return self
+
+        row = column
+
+        def box(self):
+            rows.append(("sep", "", ""))
+            return Recorder(self.indent + 1)
+
+        def separator(self, **_):
+            rows.append(("sep", "", ""))
+
+        def label(self, text="", icon=None, **_):
+            rows.append(("label", self._pad(text), ""))
+
+        def prop(self, data, name, text=None, **_):
+            p = data.bl_rna.properties[name]
+            value = getattr(data, name)
+            if p.type == "ENUM":
+                value = next((i.name for i in p.enum_items if i.identifier == value), value)
+            elif p.type == "FLOAT":
+                value = f"{value:.2f}"
+            elif p.type == "BOOLEAN":
+                value = "[x]" if value else "[ ]"
+            rows.append(("prop", self._pad(text if text is not None else p.name), str(value) or "..."))
+
+        def prop_search(self, data, name, _search_data, _search_name, text=None, **_):
+            self.prop(data, name, text=text)
+
+        def operator(self, idname, text=None, icon=None, **_):
+            mod, op = idname.split(".")
+            label = text or getattr(getattr(bpy.ops, mod), op).get_rna_type().name
+            rows.append(("button", self._pad(label), ""))
+            return type("OpProps", (), {})()
+
+        def progress(self, factor=0.0, text="", **_):
+            rows.append(("progress", text, f"{factor:.0%}"))
+
+        def template_icon(self, **_):
+            rows.append(("label", self._pad("[view grid preview]"), ""))
+
+        def icon(self, _data):
+            return 0
+
+    class Panel:
+        pass
+
+    for cls, title in ((CONCORD_PT_texture, "Concord Texture"), (CONCORD_PT_consistency, "Consistency")):
+        rows.append(("title", title, ""))
+        panel = Panel()
+        panel.layout = Recorder()
+        cls.draw(panel, context)
+
+    width, line = 420, 22
+    img = Image.new("RGB", (width, 12 + line * len(rows)), (48, 48, 48))
+    d = ImageDraw.Draw(img)
+    y = 6
+    for kind, label, value in rows:
+        if kind == "title":
+            d.rectangle([0, y, width, y + line - 2], fill=(61, 61, 61))
+            d.text((10, y + 5), "v " + label, fill=(230, 230, 230))
+        elif kind == "prop":
+            d.text((14, y + 5), label, fill=(200, 200, 200))
+            d.rounded_rectangle([190, y + 1, width - 12, y + line - 3], 4, fill=(34, 34, 34))
+            d.text((198, y + 5), value, fill=(230, 230, 230))
+        elif kind == "button":
+            d.rounded_rectangle([14, y + 1, width - 12, y + line - 3], 4, fill=(84, 84, 84))
+            d.text((width // 2 - 4 * len(label.strip()), y + 5), label.strip(), fill=(240, 240, 240))
+        elif kind == "progress":
+            frac = float(value.rstrip("%")) / 100
+            d.rounded_rectangle([14, y + 1, width - 12, y + line - 3], 4, fill=(34, 34, 34))
+            d.rounded_rectangle([14, y + 1, 14 + int((width - 26) * frac), y + line - 3], 4, fill=(71, 114, 179))
+            d.text((20, y + 5), label, fill=(240, 240, 240))
+        elif kind == "label":
+            d.text((14, y + 5), label, fill=(180, 180, 180))
+        y += line
+    img.save(out_png)
+    return out_png
+
+
+def main(out_dir: Path, model: str = "tiny") -> int:
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    home = Path(tempfile.mkdtemp(prefix="concord-demo-home-"))
+    try:
+        bpy = _import_bpy(home)
+        import addon_utils
+
+        from concord.serve_process import ServerProcess
+
+        bpy.ops.wm.read_factory_settings(use_empty=False)
+        for ob in list(bpy.data.objects):
+            bpy.data.objects.remove(ob)
+        if addon_utils.enable("blender_addon", default_set=True, handle_error=None) is None:
+            print("concord demo: error: the Concord add-on (blender_addon) could not be enabled", file=sys.stderr)
+            return 1
+        ob = build_object(bpy)
+        blend = out_dir / "demo.blend"
+        bpy.ops.wm.save_as_mainfile(filepath=str(blend))  # results then go beside it: OUT/concord/...
+
+        settings = bpy.context.scene.concord
+        settings.prompt = PROMPT
+        settings.negative_prompt = "blurry, low quality"
+        settings.seed = 1
+        settings.steps = STEPS
+        settings.view_resolution = VIEW_SIZE
+        settings.texture_size = TEXTURE_SIZE
+        settings.rig = "ZERO123PP"
+
+        _say(f"starting `concord serve --model {model}`...")
+        with ServerProcess(out_dir / "server-data", model=model) as server:
+            _say(f"server up at {server.url} in {server.startup_seconds:.1f} s")
+            bpy.context.preferences.addons["blender_addon"].preferences.server_url = server.url
+            bpy.ops.concord.check_server(blocking=True)
+            _say(bpy.context.preferences.addons["blender_addon"].preferences.status_text)
+            t0 = time.perf_counter()
+            try:
+                result = bpy.ops.concord.texture_mesh(blocking=True)
+            except RuntimeError as exc:  # the operator's error report
+                print(f"concord demo: error: {exc}", file=sys.stderr)
+                return 1
+            if result != {"FINISHED"}:
+                print(f"concord demo: error: {bpy.context.window_manager.concord_job.last_report}", file=sys.stderr)
+                return 1
+            _say(f"textured through the add-on in {time.perf_counter() - t0:.1f} s")
+        shutil.rmtree(out_dir / "server-data", ignore_errors=True)
+
+        state = bpy.context.window_manager.concord_job
+        result_dir = Path(state.last_result)
+        shutil.copyfile(result_dir / "texture.png", out_dir / "texture.png")
+        shutil.copyfile(result_dir / "grid.png", out_dir / "grid.png")
+        draw_panel_png(bpy, bpy.context, out_dir / "panel.png")
+        t0 = time.perf_counter()
+        render_turntable(bpy, ob, out_dir / "turntable.png")
+        _say(f"turntable rendered in {time.perf_counter() - t0:.1f} s")
+        bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    _say(f"done in {time.perf_counter() - t_start:.0f} s. Results in {out_dir}:")
+    for name in ("demo.blend", "texture.png", "grid.png", "turntable.png", "panel.png"):
+        print(f"  {out_dir / name}")
+    print(f"  {result_dir}  (everything the server returned: views/, coverage.png, metrics.json, transforms.json)")
+    if model == "tiny":
+        print("  (the `tiny` model has random weights: its texture is coloured noise; pass --model for a real one)")
+    return 0

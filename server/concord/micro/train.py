@@ -1,0 +1,395 @@
+"""`concord train-micro`: train the micro model on the procedural data, resumably, on a CPU or one GPU.
+
+What it is for: producing the shipped `micro` weights with one documented command (docs/micro-model.md):
+
+    concord train-micro --minutes 35 --out runs/micro --seed 0          # ~35 min on 2 CPU cores
+    concord train-micro --minutes 35 --out runs/micro --seed 0 --resume # continue after an interruption
+
+then copying ``runs/micro/model`` to ``server/concord/models/weights/micro``.
+
+Objective: v-prediction (Salimans & Ho 2022, "Progressive Distillation", section 4) under the cosine schedule
+(Nichol & Dhariwal 2021, "Improved DDPM", eq. 17), on pixel-unshuffled images (`concord.micro.model`):
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
+    loss = E_{x0, eps, t ~ U{0..T-1}} || v_theta([x_t, c], t, text) - v ||^2        (mean over pixels)
+with the prompt dropped (replaced by "") for 10 % of samples so classifier-free guidance works (Ho & Salimans 2022).
+UNet and text encoder train together with AdamW (Loshchilov & Hutter 2019), linear warm-up, gradient norm clipped
+at 1; an exponential moving average of the weights (Polyak averaging; diffusers' `EMAModel` with warm-up
+decay 1 - (1 + step)^-3/4, capped at `--ema-decay`) is what gets saved: EMA weights sample markedly better than
+the raw ones after short training (Karras et al. 2024 study the effect; Ho et al. 2020 already sampled from EMA).
+
+Reproducible from `--seed`: batch k is `generate_batch(batch, seed, index=k)`, and step k's timesteps, noise and
+prompt drops come from generators seeded by (seed, k), so a resumed run takes exactly the steps an uninterrupted
+one would (tested). The time budget decides only WHERE training stops; `--steps N` stops at an exact step count.
+`--minutes` is the TOTAL training time over all resumed runs.
+
+Files in --out: `checkpoint.pt` (model, EMA, optimizer, step, RNG states; rewritten every
+`--checkpoint-minutes` and at the end, atomically), `loss.csv` (step, samples, train_seconds, loss, lr),
+`train_config.json`, and `model/` (the EMA weights as a `MicroPipeline.save_pretrained` folder, fp16, refreshed at
+every checkpoint, with `training.json` describing the run).
+
+What this module must never do: run anything in parallel with the training step on the CPU (no DataLoader
+workers, no background threads: the machines it targets have two cores), download anything, or write outside
+`--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TrainConfig", "train", "add_arguments", "main_from_args", "CHECKPOINT", "LOSS_LOG", "MODEL_DIR"]
+
+CHECKPOINT = "checkpoint.pt"
+LOSS_LOG = "loss.csv"
+MODEL_DIR = "model"
+_LOG_COLUMNS = ["step", "samples", "train_seconds", "loss", "lr"]
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    minutes: float = 40.0
+    steps: int | None = None  # total step cap (exact stop); None = time budget only
+    seed: int = 0
+    resume: bool = False
+    batch: int | None = None  # None: 32 on the CPU, 128 on CUDA
+    device: str = "auto"
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    text_drop: float = 0.1
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    preset: str = "micro"
+    size: int = 64
+    threads: int = 2
+
+
+class TrainError(ValueError):
+    """A user error (bad arguments, a run folder in the way): one line, exit 2."""
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but CUDA is not available here")
+    return dev
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, step, stream) via numpy's SeedSequence (no collisions between neighbours)."""
+    return int(np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup_steps, then constant (the stop time is not known in advance)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rewrite_log(path: Path, upto_step: int) -> None:
+    """Keep loss.csv rows up to the checkpoint's step (a crash after the last checkpoint leaves later rows)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run (or resume) training as `cfg` says. Returns a summary dict (also written to model/training.json)."""
+    import torch
+
+    from concord.micro.model import PRESET_CONFIGS
+
+    if cfg.preset not in PRESET_CONFIGS:
+        raise TrainError(f"--preset must be one of {', '.join(PRESET_CONFIGS)}")
+    if cfg.minutes <= 0 and cfg.steps is None:
+        raise TrainError("--minutes must be > 0 (or give --steps)")
+    if cfg.size % 8:
+        raise TrainError("--size must be a multiple of 8")
+    device = _resolve_device(cfg.device)
+    batch = cfg.batch or (128 if device.type == "cuda" else 32)
+    if batch < 1:
+        raise TrainError("--batch must be >= 1")
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, progress, device, batch)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from concord.micro.data import generate_batch
+    from concord.micro.model import build_components, micro_codec, micro_conditioning, tokenize
+
+    out = Path(cfg.out)
+    ckpt_path, log_path = out / CHECKPOINT, out / LOSS_LOG
+    if ckpt_path.exists() and not cfg.resume:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    comps = build_components(cfg.preset, seed=cfg.seed)
+    unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
+    unet.train()
+    text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    alphas_cumprod = comps["scheduler"].alphas_cumprod.to(device=device, dtype=torch.float32)
+    T = len(alphas_cumprod)
+    codec = micro_codec()
+
+    step, samples, train_seconds = 0, 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["config"]["preset"] != cfg.preset or ck["config"]["seed"] != cfg.seed or ck["batch"] != batch:
+            raise TrainError(
+                f"{ckpt_path} was written with preset={ck['config']['preset']} seed={ck['config']['seed']} "
+                f"batch={ck['batch']}; resume with the same values"
+            )
+        unet.load_state_dict(ck["unet"])
+        text_encoder.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["optimizer"])
+        ema.load_state_dict(ck["ema"])
+        ema.to(device)
+        step, samples, train_seconds = ck["step"], ck["samples"], ck["train_seconds"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        _rewrite_log(log_path, step)
+    else:
+        log_path.unlink(missing_ok=True)
+    (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "batch": batch, "device": str(device)}, indent=2))
+
+    def save_checkpoint() -> None:
+        _atomic_torch_save(
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema.state_dict(),
+                "step": step,
+                "samples": samples,
+                "train_seconds": train_seconds,
+                "batch": batch,
+                "config": asdict(cfg),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                },
+            },
+            ckpt_path,
+        )
+
+    def export_model(final_loss: float | None) -> dict:
+        """EMA weights -> out/model (fp16 save_pretrained) without disturbing the training weights."""
+        from concord.micro.model import MicroPipeline, count_parameters
+
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            pipe = MicroPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=comps["scheduler"])
+            pipe.save_pretrained(out / MODEL_DIR)
+        finally:
+            ema.restore(params)
+        summary = {
+            "model": "concord micro",
+            "preset": cfg.preset,
+            "seed": cfg.seed,
+            "steps": step,
+            "samples_seen": samples,
+            "train_minutes": round(train_seconds / 60.0, 2),
+            "batch": batch,
+            "lr": cfg.lr,
+            "ema_decay": cfg.ema_decay,
+            "image_size": cfg.size,
+            "device": str(device),
+            "parameters": count_parameters(unet) + count_parameters(text_encoder),
+            "final_loss": final_loss,
+            "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
+            + (f" --batch {cfg.batch}" if cfg.batch else "")
+            + (f" --steps {cfg.steps}" if cfg.steps else ""),
+        }
+        (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    budget_s = cfg.minutes * 60.0 if cfg.minutes > 0 else float("inf")
+
+    def finished() -> bool:
+        return (cfg.steps is not None and step >= cfg.steps) or train_seconds >= budget_s
+
+    new_log = not log_path.exists()
+    log_f = log_path.open("a", newline="")
+    log = csv.writer(log_f)
+    if new_log:
+        log.writerow(_LOG_COLUMNS)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        if cfg.steps is not None:
+            bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train-micro", dynamic_ncols=True)
+        else:
+            bar = tqdm(total=round(budget_s), initial=round(train_seconds), unit="s", desc="train-micro", dynamic_ncols=True)
+
+    last_ckpt = time.perf_counter()
+    loss_acc, loss_n, last_loss = 0.0, 0, None
+    try:
+        while not finished():
+            t_start = time.perf_counter()
+            lr = _lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            data = generate_batch(batch, cfg.seed, index=step, height=cfg.size, width=cfg.size, split="train")
+            drop = np.random.default_rng(_step_seed(cfg.seed, step, 1)).random(batch) < cfg.text_drop
+            prompts = ["" if d else p for d, p in zip(drop, data.prompts)]
+            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 2))
+            x0 = codec.encode(torch.from_numpy(data.images).permute(0, 3, 1, 2))
+            cond = micro_conditioning(data.depth)
+            t = torch.randint(0, T, (batch,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            x0, cond, eps, t = x0.to(device), cond.to(device), eps.to(device), t.to(device)
+            abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+            # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps;  v = sqrt(abar) eps - sqrt(1 - abar) x0  (Salimans & Ho 2022)
+            x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
+            v = abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
+            ids = tokenize(tokenizer, prompts).to(device)
+            emb = text_encoder(ids)[0]
+            pred = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred.float(), v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.step(params)
+            step += 1
+            samples += batch
+            lv = float(loss.detach())
+            loss_acc += lv
+            loss_n += 1
+            train_seconds += time.perf_counter() - t_start
+            if step % cfg.log_every == 0 or finished():
+                last_loss = loss_acc / loss_n
+                log.writerow([step, samples, f"{train_seconds:.2f}", f"{last_loss:.6f}", f"{lr:.6g}"])
+                log_f.flush()
+                loss_acc, loss_n = 0.0, 0
+            if bar is not None:
+                if cfg.steps is not None:
+                    bar.update(1)
+                else:
+                    bar.n = min(round(train_seconds), bar.total)
+                    bar.refresh()
+                bar.set_postfix(step=step, loss=f"{lv:.4f}", sps=f"{samples / max(train_seconds, 1e-9):.1f}")
+            if time.perf_counter() - last_ckpt >= cfg.checkpoint_minutes * 60.0 and not finished():
+                save_checkpoint()
+                export_model(last_loss)
+                last_ckpt = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+        log_f.close()
+    save_checkpoint()
+    return export_model(last_loss)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.csv, model/ (the result)")
+    parser.add_argument("--minutes", type=float, default=40.0, help="total training time over all resumed runs (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="stop after exactly this many steps in total")
+    parser.add_argument("--seed", type=int, default=0, help="data, noise and initial weights (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 32 on the CPU, 128 on CUDA)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default 1e-3)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay cap (default 0.999)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per loss.csv row (default 10)")
+    parser.add_argument("--preset", default="micro", help="model size: micro (shipped) or test (unit-test size)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run `concord train-micro` with parsed `args` (see `add_arguments`). 0 on success, 2 on a user error."""
+    import diffusers
+    import transformers
+
+    # Our own tqdm bar is the progress report; the libraries' per-save bars ("Writing model shards") are noise.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    cfg = TrainConfig(
+        out=args.out,
+        minutes=args.minutes,
+        steps=args.steps,
+        seed=args.seed,
+        resume=args.resume,
+        batch=args.batch,
+        device=args.device,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        checkpoint_minutes=args.checkpoint_minutes,
+        log_every=max(1, args.log_every),
+        preset=args.preset,
+        threads=args.threads,
+    )
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except TrainError as exc:
+        print(f"concord train-micro: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"concord train-micro: interrupted; continue with --resume (checkpoints in {cfg.out})", file=sys.stderr)
+        return 130
+    print(
+        f"concord train-micro: {summary['steps']} steps, {summary['samples_seen']} samples in "
+        f"{summary['train_minutes']} min; final loss {summary['final_loss']}; model in {Path(cfg.out) / MODEL_DIR}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m concord.micro.train ...` (the same as `concord train-micro ...`)."""
+    from concord.models.registry import quiet_libraries
+
+    quiet_libraries()
+    parser = argparse.ArgumentParser(prog="concord train-micro", description="train the micro model")
+    add_arguments(parser)
+    return main_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Job kind `texture`: V views of a mesh generated jointly so they agree, then baked into its UV texture.
+
+Inputs: a ViewSet (`concord.geometry.viewset`, the array contract) and `TextureParams` (`api/schemas.py`). The sampler
+is Concord's own DDIM loop (Song et al. 2021) over all views at once, on the scheduler config of the loaded pipe,
+talking only to a `Codec` and a `Denoiser` (`concord.pipelines.denoiser`, ARCHITECTURE rule 7). What makes the views
+agree, each switch independent of the others (`ConsistencyOptions`):
+
+- **grid stacking** (Zero123++, Shi et al. 2023): views tiled row-major into one rows x cols latent canvas per CFG
+  half, control maps tiled the same way; untiled after every denoiser call (`tile_views` / `untile_views`). Empty
+  cells (rows * cols > V) hold extra "filler" views: noise that is denoised along and dropped at the end.
+- **shared attention** (MATH.md section 3): `concord.attention.extended.extended_attention` on the UNet and ControlNet;
+  groups are the V views of one CFG half (with the grid on: each canvas alone, `num_views=1`).
+- **UV-space initial noise** (MATH.md section 1): `concord.noise.uv_noise.uv_space_noise`, or iid.
+- **UV sync** (MATH.md section 2; MultiDiffusion, Bar-Tal et al. 2023; SyncMVD, Liu et al. 2023): each step's
+  predicted clean latents are averaged on the surface (`concord.geometry.sync.LatentSync`) for steps in
+  [sync_start, sync_end) * steps, then the DDIM step is taken from the synced x0 (`synced_ddim_step`).
+- **loss guidance** (MATH.md section 4; SyncDiffusion, Lee et al. 2023): `loss_guidance_gradient`, early steps only.
+
+Result files (in `ctx.out_dir`): `texture.png`, `coverage.png`, `views/view_XX.png`, `grid.png` (views tiled, the
+control maps tiled below them), `transforms.json` (the rig, for `concord bake`), `metrics.json`.
+
+What this module must never do: touch the queue or the job record, write anywhere but `ctx.out_dir`, leave an
+attention processor installed after it returns (the context manager restores them), change the model's weights,
+scheduler or device, or keep running more than one denoising step after a cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from concord.api.arrays import ArraysContract, ArraySpec, DimLimit
+from concord.api.schemas import TextureParams
+from concord.jobs.context import JobContext, JobInputError
+from concord.pipelines.depth_image import depth_to_control
+
+__all__ = [
+    "ARRAYS",
+    "check_inputs",
+    "run",
+    "grid_shape",
+    "tile_views",
+    "untile_views",
+    "synced_ddim_step",
+    "sync_active",
+    "loss_guidance_gradient",
+    "downsampled_l2",
+    "picture_grid",
+    "RESULT_FILES",
+]
+
+MAX_VIEWS = 16
+_FLOATS = ("float32", "float64", "float16")
+
+ARRAYS = ArraysContract(
+    specs=(
+        ArraySpec("depth", _FLOATS, ("V", "H", "W"), "planar camera z > 0 on the object, 0 on the background", cast_to="float32"),
+        ArraySpec("mask", ("bool", "uint8"), ("V", "H", "W"), "foreground: the object is seen at this pixel"),
+        ArraySpec("uv", _FLOATS, ("V", "H", "W", 2), "surface UV (Blender convention, origin bottom-left), 0 on background", cast_to="float32"),
+        ArraySpec("normal", _FLOATS, ("V", "H", "W", 3), "world-space unit normal, 0 on background", cast_to="float32"),
+        ArraySpec("intrinsics", _FLOATS, ("V", 3, 3), "pinhole K in pixels (OpenCV)", cast_to="float32"),
+        ArraySpec("world_to_camera", _FLOATS, ("V", 4, 4), "world -> camera, OpenCV axes", cast_to="float32"),
+        ArraySpec("image", ("uint8", "float32"), ("V", "H", "W", 3), "optional, ignored by the texture job", required=False),
+    ),
+    dims={"V": DimLimit(1, MAX_VIEWS), "H": DimLimit(64, 1024, 8), "W": DimLimit(64, 1024, 8)},
+)
+
+RESULT_FILES = ("texture.png", "coverage.png", "grid.png", "transforms.json", "metrics.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def grid_shape(num_views: int, rows: int | None = None, cols: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the view grid: 3 x 2 for six views (Zero123++ v1.2's layout), else near square
+    (cols = ceil(sqrt(V)), rows = ceil(V / cols)); one given side fixes the other. Raises ValueError when
+    rows * cols < V."""
+    if rows is None and cols is None:
+        if num_views == 6:
+            return 3, 2
+        cols = math.ceil(math.sqrt(num_views))
+        return math.ceil(num_views / cols), cols
+    if rows is None:
+        rows = math.ceil(num_views / cols)
+    elif cols is None:
+        cols = math.ceil(num_views / rows)
+    if rows * cols < num_views:
+        raise ValueError(f"a {rows} x {cols} grid has {rows * cols} cells for {num_views} views")
+    return int(rows), int(cols)
+
+
+def check_inputs(params: TextureParams, arrays: dict[str, np.ndarray]) -> None:
+    """The checks only the texture job can make: the ViewSet contract and the options against V."""
+    from concord.geometry.viewset import ViewSet, ViewSetError
+
+    try:
+        vs = ViewSet.from_arrays(arrays)
+    except ViewSetError as exc:
+        raise JobInputError(f"the views break the ViewSet contract: {exc.message}", f"arrays.{exc.field}", exc.hint or None) from None
+    v = vs.num_views
+    c = params.consistency
+    bad = [r for r in c.reference_views if not 0 <= r < v]
+    if bad:
+        raise JobInputError(
+            f"reference view(s) {bad} out of range for {v} views",
+            "params.consistency.reference_views",
+            f"view indices run from 0 to {v - 1}",
+        )
+    if c.shared_attention == "reference" and not c.reference_views:
+        raise JobInputError(
+            "shared_attention 'reference' needs at least one reference view", "params.consistency.reference_views"
+        )
+    try:
+        grid_shape(v, c.grid_rows, c.grid_cols)
+    except ValueError as exc:
+        raise JobInputError(str(exc), "params.consistency.grid_rows", "rows x cols must hold every view") from None
+    if c.sync_start > c.sync_end:
+        raise JobInputError(
+            f"sync_start ({c.sync_start}) is after sync_end ({c.sync_end})",
+            "params.consistency.sync_start",
+            "UV sync runs for steps in [sync_start, sync_end) x steps",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure sampler pieces
+
+
+def tile_views(x, rows: int, cols: int, fill: float = 0.0):
+    """Grid stacking (Zero123++, Shi et al. 2023, section 3.1: six 320x320 views in a 3 x 2 grid): N <= rows*cols
+    views (N, C, h, w) -> one image (1, C, rows*h, cols*w), view k at row k // cols, column k % cols (row-major).
+    Cells past N hold `fill`. Works on torch tensors and numpy arrays."""
+    n, c, h, w = x.shape
+    cells = rows * cols
+    if n > cells:
+        raise ValueError(f"{n} views do not fit a {rows} x {cols} grid")
+    if hasattr(x, "new_full"):  # torch
+        import torch
+
+        if n < cells:
+            x = torch.cat([x, x.new_full((cells - n, c, h, w), fill)], 0)
+        return x.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(1, c, rows * h, cols * w)
+    if n < cells:
+        x = np.concatenate([x, np.full((cells - n, c, h, w), fill, dtype=x.dtype)], 0)
+    return x.reshape(rows, cols, c, h, w).transpose(2, 0, 3, 1, 4).reshape(1, c, rows * h, cols * w)
+
+
+def untile_views(canvas, rows: int, cols: int, num_views: int | None = None):
+    """Inverse of `tile_views`: (1, C, rows*h, cols*w) -> the first `num_views` (default rows*cols) views
+    (N, C, h, w). untile_views(tile_views(x, r, c), r, c, len(x)) == x exactly (a pure permutation)."""
+    _, c, hh, ww = canvas.shape
+    if hh % rows or ww % cols:
+        raise ValueError(f"a {hh}x{ww} canvas does not split into a {rows} x {cols} grid")
+    h, w = hh // rows, ww // cols
+    x = canvas.reshape(c, rows, h, cols, w)
+    x = x.permute(1, 3, 0, 2, 4) if hasattr(x, "permute") else x.transpose(1, 3, 0, 2, 4)
+    x = x.reshape(rows * cols, c, h, w)
+    return x if num_views is None else x[:num_views]
+
+
+def sync_active(step_index: int, steps: int, start: float, end: float) -> bool:
+    """UV sync runs for step indices i with start * steps <= i < end * steps."""
+    return start * steps <= step_index < end * steps
+
+
+# UV-synchronised DDIM step (MATH.md section 2). Given x_t, the model's x0 prediction and the synced x0s
+# (x0 averaged on the surface: T(u) = sum_v w_v x0_v / sum_v w_v, written back x0s_v(p) = T(u_v(p))):
+#   eps'    = (x_t - sqrt(abar_t) x0s) / sqrt(1 - abar_t)                       (Ho et al. 2020, eq. 4 for eps)
+#   x_{t-1} = sqrt(abar_{t-1}) x0s + sqrt(1 - abar_{t-1}) eps'                  (Song et al. 2021, eq. 12, eta = 0)
+# Choice: eps is RE-DERIVED from x_t and the synced x0 rather than kept from the model. Then (x0s, eps') is an
+# exact decomposition of the current x_t, and the step is the deterministic DDIM interpolation between x_t and x0s;
+# this is the eta = 0 counterpart of SyncMVD's step (Liu et al. 2023, "Text-Guided Texturing by Synchronized
+# Multi-View Diffusion", arXiv:2311.12891, section 4.1; its `step_tex` forms the DDPM posterior mean from the synced
+# x0 and x_t). Keeping the model's eps instead would pair a synced x0 with noise that no longer explains x_t.
+# Where nothing was synced (background), x0s = x0 and eps' = the model's eps, so the step is the plain DDIM step.
+def synced_ddim_step(x_t, x0_synced, abar_t, abar_prev):
+    from concord.pipelines.denoiser import ddim_step, eps_from_x0
+
+    return ddim_step(x0_synced, eps_from_x0(x_t, x0_synced, abar_t), abar_prev)
+
+
+def downsampled_l2(images, anchor, size: int = 64):
+    """The default perceptual distance of loss guidance: mean squared difference of the images average-pooled to at
+    most `size` px on the long side. images (B, 3, H, W), anchor (1, 3, H, W) in [0, 1] -> (B,).
+
+    LPIPS (what SyncDiffusion uses) needs pretrained weights that cannot be downloaded here; a low-pass L2 pulls
+    the views towards the anchor's overall colours and layout, which is what the guidance is for in the early steps,
+    at a negligible cost next to the decoder. Pass any other differentiable `distance(images, anchor) -> (B,)`."""
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    k = max(1, math.ceil(max(h, w) / size))
+    a = F.avg_pool2d(images, k) if k > 1 else images
+    b = F.avg_pool2d(anchor, k) if k > 1 else anchor
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+# Loss-guided denoising (SyncDiffusion, Lee et al. NeurIPS 2023, eq. 6 / Algorithm 1; MATH.md section 4):
+#   x_t^(i) <- x_t^(i) - w * grad_{x_t^(i)} L( D(x0(x_t^(i))), D(x0(x_t^(0))) ),   anchor i = 0, i != 0 updated.
+# This returns grad_{x_t} sum_{i != anchor} L(D(x0_i), stopgrad(D(x0_anchor))), with rows of the anchor (and of
+# views not in `views`) zeroed. One denoiser forward + one decode of every view + one backward through both:
+# roughly 3x a plain step (more memory: the activations are kept). Under shared attention the views' predictions
+# depend on each other, so view i's gradient also carries its effect on the other views' losses.
+def loss_guidance_gradient(
+    x_t,
+    predict_x0: Callable,
+    decode: Callable,
+    distance: Callable = downsampled_l2,
+    anchor: int = 0,
+    views: int | None = None,
+):
+    """x_t (N, C, h, w) float32; predict_x0(x) -> (N, C, h, w) (differentiable); decode(latents) -> images [0,1].
+    `views`: only the first `views` rows are real views (grid filler rows get no loss and no gradient)."""
+    import torch
+
+    n = x_t.shape[0] if views is None else views
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        x0 = predict_x0(x)
+        images = decode(x0[:n])
+        target = images[anchor : anchor + 1].detach()
+        others = [i for i in range(n) if i != anchor]
+        if not others:
+            return torch.zeros_like(x_t)
+        loss = distance(images[others], target).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+    grad = grad.detach()
+    grad[anchor] = 0
+    grad[n:] = 0
+    return grad
+
+
+def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) picture, row-major, black where no image."""
+    t = tile_views(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), rows, cols, fill=0)
+    return t[0].transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def run(
+    model,
+    params: TextureParams,
+    arrays: dict[str, np.ndarray],
+    ctx: JobContext,
+    *,
+    distance: Callable | None = None,
+    parts=None,
+) -> dict:
+    """Generate the views, bake them, write the result files into ctx.out_dir. Returns the metrics dict.
+
+    `distance`: loss guidance's perceptual distance (default `downsampled_l2`). `parts`: a
+    `concord.pipelines.denoiser.DiffusionParts` to use instead of `denoiser_from_model(model)` (another codec or
+    denoiser, e.g. a pixel-space model; `model` then only names it in metrics.json)."""
+    import torch
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    from concord.geometry.bake import bake_views
+    from concord.geometry.metrics import coverage_fraction, cross_view_disagreement
+    from concord.geometry.transforms_json import write_transforms_json
+    from concord.geometry.viewset import ViewSet
+    from concord.pipelines.denoiser import denoiser_from_model, x0_and_eps_from_output
+
+    timings: dict[str, float] = {}
+    c = params.consistency
+    vs = ViewSet.from_arrays(arrays, validate=False)
+    V, H, W = vs.num_views, vs.height, vs.width
+
+    ctx.stage("encoding")
+    t0 = time.perf_counter()
+    if parts is None:
+        parts = denoiser_from_model(model, params.conditioning_scale)
+    den, codec, device = parts.denoiser, parts.codec, parts.device
+    f = codec.scale_factor
+    if H % f or W % f:
+        raise JobInputError(f"views of {W}x{H} px do not divide into {f}x{f} latent pixels", "arrays.depth")
+    h, w = H // f, W // f
+    C = den.latent_channels
+    grid = c.grid
+    rows, cols = grid_shape(V, c.grid_rows, c.grid_cols) if grid else (1, V)
+    n_state = rows * cols if grid else V  # grid filler views join the state and are dropped at the end
+    cfg = params.guidance > 1.0
+    groups = 2 if cfg else 1
+
+    scheduler = DDIMScheduler.from_config(parts.scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = scheduler.timesteps
+    alphas = scheduler.alphas_cumprod.float().cpu()
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+    def abar_at(t: int) -> float:
+        return float(alphas[t]) if t >= 0 else float(scheduler.final_alpha_cumprod)
+
+    text = parts.text_embeddings(params.prompt, params.negative_prompt, guidance=cfg).to(device)
+
+    control_np = np.stack([depth_to_control(d) for d in vs.depth])  # (V, H, W) in [0, 1]
+    control = torch.from_numpy(control_np)[:, None].to(device)
+    control = den.prepare_control(control, (h, w))
+    if n_state > V:
+        control = torch.cat([control, control.new_zeros((n_state - V, *control.shape[1:]))], 0)
+    if grid:
+        control_in = tile_views(control, rows, cols).repeat(groups, 1, 1, 1)
+    else:
+        control_in = control.repeat(groups, 1, 1, 1)
+    per_group = 1 if grid else n_state
+    emb = text.repeat_interleave(per_group, dim=0)
+
+    from concord.geometry.sync import LatentSync
+
+    sync = LatentSync.from_viewset(vs, (h, w), cos_power=params.bake.cos_power, device=device, dtype=torch.float32)
+
+    gen = torch.Generator(device="cpu").manual_seed(int(params.seed))
+    if c.uv_noise:
+        from concord.noise.uv_noise import uv_space_noise
+
+        noise = uv_space_noise(vs.uv, vs.mask, (C, h, w), gen, dtype=torch.float32)
+    else:
+        noise = torch.randn((V, C, h, w), generator=gen, dtype=torch.float32)
+    if n_state > V:
+        noise = torch.cat([noise, torch.randn((n_state - V, C, h, w), generator=gen, dtype=torch.float32)], 0)
+    x = noise.to(device) * float(scheduler.init_noise_sigma)
+    timings["encoding_s"] = time.perf_counter() - t0
+
+    def model_output(x_t, t):
+        """The guided model output for every state view (n_state, C, h, w), float32."""
+        xin = scheduler.scale_model_input(x_t, t).repeat(groups, 1, 1, 1)
+        if grid:
+            xin = torch.cat([tile_views(xg, rows, cols) for xg in xin.chunk(groups)])
+        out = den.predict(xin, t, emb, control_in).float()
+        if grid:
+            out = torch.cat([untile_views(o[None], rows, cols) for o in out])
+        if cfg:  # classifier-free guidance (Ho & Salimans 2022): out_u + g (out_c - out_u)
+            u, cnd = out.chunk(2)
+            out = u + params.guidance * (cnd - u)
+        return out
+
+    def decode(latents):
+        return codec.decode(latents)
+
+    if c.shared_attention != "off":
+        from concord.attention.extended import extended_attention
+
+        refs = None if (c.shared_attention == "all" or grid) else list(c.reference_views)
+        attention = extended_attention(den.modules, 1 if grid else n_state, reference_views=refs, chunk_size=c.attention_chunk)
+    else:
+        attention = contextlib.nullcontext()
+
+    lg_steps = math.ceil(c.loss_guidance_until * params.steps) if c.loss_guidance else 0
+    dist = distance or downsampled_l2
+    synced_steps = 0
+    ctx.stage("denoising", total=params.steps)
+    t0 = time.perf_counter()
+    lg_seconds = 0.0
+    with attention, torch.no_grad():
+        for i, t in enumerate(timesteps):
+            ctx.raise_if_cancelled()
+            ti = int(t)
+            abar, abar_prev = abar_at(ti), abar_at(ti - stride)
+            if i < lg_steps and c.loss_guidance_scale > 0 and V > 1:
+                tg = time.perf_counter()
+
+                def predict_x0(xx, _t=t, _a=abar):
+                    return x0_and_eps_from_output(model_output(xx, _t), xx, _a, den.prediction_type)[0]
+
+                grad = loss_guidance_gradient(x, predict_x0, decode, dist, anchor=0, views=V)
+                x = x - c.loss_guidance_scale * grad
+                lg_seconds += time.perf_counter() - tg
+                ctx.raise_if_cancelled()
+            out = model_output(x, t)
+            x0, eps = x0_and_eps_from_output(out, x, abar, den.prediction_type)
+            if c.uv_sync and sync_active(i, params.steps, c.sync_start, c.sync_end):
+                x0 = x0.clone()
+                x0[:V] = sync.sync(x0[:V])
+                x = synced_ddim_step(x, x0, abar, abar_prev)
+                synced_steps += 1
+            else:
+                from concord.pipelines.denoiser import ddim_step
+
+                x = ddim_step(x0, eps, abar_prev)
+            ctx.advance(i + 1)
+    timings["denoising_s"] = time.perf_counter() - t0
+    if lg_steps:
+        timings["loss_guidance_s"] = lg_seconds
+    ctx.raise_if_cancelled()
+
+    ctx.stage("decoding", total=V)
+    t0 = time.perf_counter()
+    latents = x[:V]
+    latent_disagreement = float(sync.disagreement(latents))
+    images = []
+    with torch.no_grad():
+        for k in range(0, V, 2):
+            ctx.raise_if_cancelled()
+            images.append(decode(latents[k : k + 2]).float().cpu())
+            ctx.advance(min(k + 2, V))
+    views = torch.cat(images).permute(0, 2, 3, 1).numpy()  # (V, H, W, 3) sRGB [0, 1]
+    views_u8 = _to_uint8(views)
+    timings["decoding_s"] = time.perf_counter() - t0
+
+    ctx.stage("baking")
+    t0 = time.perf_counter()
+    bake = bake_views(vs, views_u8, params.texture_size, cos_power=params.bake.cos_power, padding=params.bake.padding)
+    disagreement = cross_view_disagreement(bake.index, views_u8)
+    timings["baking_s"] = time.perf_counter() - t0
+
+    ctx.stage("saving")
+    t0 = time.perf_counter()
+    out = Path(ctx.out_dir)
+    (out / "views").mkdir(parents=True, exist_ok=True)
+    names = [f"views/view_{k:02d}.png" for k in range(V)]
+    for k, name in enumerate(names):
+        Image.fromarray(views_u8[k]).save(out / name)
+    Image.fromarray(_to_uint8(bake.texture)).save(out / "texture.png")
+    Image.fromarray(bake.coverage.astype(np.uint8) * 255).save(out / "coverage.png")
+    pr, pc = grid_shape(V, c.grid_rows, c.grid_cols) if grid else grid_shape(V)
+    ctrl_u8 = np.repeat(_to_uint8(control_np)[..., None], 3, axis=-1)
+    picture = np.concatenate([picture_grid(views_u8, pr, pc), picture_grid(ctrl_u8, pr, pc)], axis=0)
+    Image.fromarray(picture).save(out / "grid.png")
+    write_transforms_json(out / "transforms.json", vs.intrinsics, vs.world_to_camera, names, W, H)
+    timings["saving_s"] = time.perf_counter() - t0
+
+    metrics = {
+        "kind": "texture",
+        "model": getattr(model, "name", None),
+        "model_kind": parts.kind,
+        "device": str(device),
+        "views": V,
+        "view_size": [W, H],
+        "latent_size": [w, h],
+        "texture_size": params.texture_size,
+        "coverage": coverage_fraction(bake.coverage),
+        "cross_view_disagreement": disagreement.as_dict(),
+        "latent_disagreement": latent_disagreement,
+        "grid": [rows, cols] if grid else None,
+        "synced_steps": synced_steps,
+        "loss_guided_steps": lg_steps,
+        "prediction_type": den.prediction_type,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "params": params.model_dump(mode="json"),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
