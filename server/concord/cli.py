@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from concord import __version__
+from concord.models.registry import DEFAULT_MODEL
 
 
 def _fail(cmd: str, message: str, code: int = 2) -> int:
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the local job server")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; others need --token)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--model", default="tiny", help="preset name, diffusers folder or .safetensors file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name, diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=str(Path.home() / ".concord"), help="where job folders and results live")
     p.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on every request")
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded model")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the embedded model to run (default {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_demo)
     return parser
 

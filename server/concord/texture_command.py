@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from concord.models.registry import DEFAULT_MODEL
+
 __all__ = ["add_arguments", "main_from_args", "main", "run_texture", "build_params", "TextureCommandError"]
 
 
@@ -193,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="what the surface should look like")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--rig", default="zero123pp", help="camera rig: zero123pp (six views) or orbit:N")
-    parser.add_argument("--model", default="tiny", help="model preset, diffusers folder or .safetensors (in-process)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model preset, diffusers folder or .safetensors (in-process; default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (in-process)")
     parser.add_argument("--server", default=None, help="run on a Concord server at this URL instead of in-process")
     parser.add_argument("--token", default=None, help="the server's token, if it needs one")

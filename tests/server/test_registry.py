@@ -91,3 +91,33 @@ def test_unknown_name_and_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ModelUnavailable, match="no CUDA"):
             load_model("tiny", "cuda")
+
+
+def test_micro_is_the_shipped_default_and_runs_the_depth_image_job(tmp_path):
+    import threading
+
+    from concord.api.schemas import DepthImageParams
+    from concord.jobs.context import JobContext
+    from concord.pipelines import depth_image
+
+    assert registry.DEFAULT_MODEL == "micro"
+    assert offline_status("micro") == (True, None)
+    model = load_model("micro", "cpu")
+    assert model.kind == "micro" and model.dtype == "float32"
+    depth = np.zeros((64, 64), np.float32)
+    depth[16:48, 16:48] = 3.0
+    steps = []
+    ctx = JobContext(tmp_path, lambda stage, step, total, msg: steps.append(step), threading.Event())
+    depth_image.run(model, DepthImageParams(prompt="a red box", steps=4, guidance=3.0), {"depth": depth}, ctx)
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "image.png"))
+    assert img.shape == (64, 64, 3) and max(steps) == 4
+
+
+def test_micro_weights_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "_shipped_weights", lambda name: tmp_path / name)
+    ok, reason = offline_status("micro")
+    assert not ok and "train-micro" in reason
+    with pytest.raises(ModelUnavailable, match="micro"):
+        load_model("micro", "cpu")

@@ -40,6 +40,7 @@ from concord.api.arrays import ArrayError, decode_npz, validate_arrays
 from concord.api.schemas import ErrorBody, JobState
 from concord.jobs.context import JobInputError
 from concord.jobs.manager import Job, JobManager, JobNotFound, QueueFull
+from concord.models.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _REQUEST_ADAPTER = TypeAdapter(schemas.JobRequest)
 
 @dataclass
 class ServerSettings:
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     data_dir: Path = field(default_factory=lambda: Path.home() / ".concord")
     token: str | None = None

@@ -1,7 +1,8 @@
 """Model registry: what `--model NAME|PATH` means, and loading it onto a device in one piece.
 
 Three ways to name a model:
-  - a preset name (`tiny`, `sd15-depth`, `sd2-depth`, `sdxl-depth`): see `PRESETS`, hub ids in docs/models.md;
+  - a preset name (`micro` (the default), `tiny`, `sd15-depth`, `sd2-depth`, `sdxl-depth`): see `PRESETS`, hub ids
+    in docs/models.md;
   - a local folder in diffusers format (`model_index.json`), e.g. one written by `save_pretrained`;
   - a single-file checkpoint (`.safetensors`, the format most community models ship in), loaded as Stable
     Diffusion 1.5 with the preset's depth ControlNet.
@@ -82,7 +83,7 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "micro"  # shipped, trained; `tiny` stays for the fastest tests
 
 
 @dataclass

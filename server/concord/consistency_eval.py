@@ -1,0 +1,90 @@
+"""Measure what each consistency mechanism buys: the texture job run with switches on and off, same seeds.
+
+MATH.md section 6's cross-view disagreement (each view baked alone into UV; over texels seen by two or more
+views, the mean absolute difference between views, sRGB 0..1) of the final generated views, for:
+
+  independent        every view generated on its own (no shared attention, no UV sync, iid noise)
+  shared attention   extended self-attention across all views only
+  UV sync            UV-space synchronisation of the predicted clean latents only
+  both               shared attention + UV sync
+  all                both + UV-space initial noise
+
+Used by `bench/consistency.py` (a table and JSON) and the consistency tests (bounds on the ratios). Runs the
+real job code in-process; writes only into the folder it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS: dict[str, dict] = {
+    "independent": {"shared_attention": "off", "uv_sync": False, "uv_noise": False},
+    "shared attention": {"shared_attention": "all", "uv_sync": False, "uv_noise": False},
+    "UV sync": {"shared_attention": "off", "uv_sync": True, "uv_noise": False},
+    "both": {"shared_attention": "all", "uv_sync": True, "uv_noise": False},
+    "all": {"shared_attention": "all", "uv_sync": True, "uv_noise": True},
+}
+
+
+def render_fixture_views(mesh_path: str | Path, size: int = 64, rig: str = "zero123pp"):
+    """A ViewSet of a mesh file from a rig (the same path `concord texture` takes)."""
+    from concord.geometry.mesh import load_mesh
+    from concord.geometry.render import render_views
+    from concord.geometry.rigs import parse_rig
+
+    mesh = load_mesh(mesh_path)
+    cams = parse_rig(rig).with_frame(mesh.up, mesh.front).cameras(*mesh.bounding_sphere(), size, size)
+    views = render_views(mesh, [(c.K, c.world_to_camera) for c in cams], size, size)
+    return views.validate()
+
+
+def run_config(model, viewset, prompt: str, consistency: dict, seed: int, steps: int, texture_size: int, out_dir: Path,
+               guidance: float = 3.0) -> dict:
+    """One texture job in-process; returns its metrics.json."""
+    from concord.api.arrays import validate_arrays
+    from concord.api.schemas import TextureParams
+    from concord.jobs.context import JobContext
+    from concord.pipelines import texture
+
+    params = TextureParams(
+        prompt=prompt, seed=seed, steps=steps, guidance=guidance, texture_size=texture_size, consistency=consistency
+    )
+    arrays = validate_arrays(viewset.to_npz_dict(), texture.ARRAYS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = JobContext(out_dir, lambda *a: None, threading.Event())
+    texture.run(model, params, arrays, ctx)
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, texture_size: int = 256,
+            out_dir: Path | None = None, configs: dict[str, dict] | None = None, guidance: float = 3.0) -> list[dict]:
+    """Rows {config, disagreement (mean over seeds), per_seed, coverage, seconds} for each configuration."""
+    import tempfile
+
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="concord-consistency-"))
+    rows = []
+    for name, switches in (configs or CONFIGS).items():
+        per_seed, cover, t0 = [], [], time.perf_counter()
+        for seed in seeds:
+            m = run_config(model, viewset, prompt, switches, seed, steps, texture_size,
+                           out_dir / name.replace(" ", "_") / f"seed{seed}", guidance)
+            per_seed.append(m["cross_view_disagreement"]["mean"])
+            cover.append(m["coverage"])
+        rows.append(
+            {
+                "config": name,
+                "disagreement": float(np.mean(per_seed)),
+                "per_seed": [round(v, 5) for v in per_seed],
+                "coverage": float(np.mean(cover)),
+                "seconds": round((time.perf_counter() - t0) / len(seeds), 3),
+            }
+        )
+    base = rows[0]["disagreement"]
+    for r in rows:
+        r["ratio_to_independent"] = r["disagreement"] / base if base > 0 else float("nan")
+    return rows
