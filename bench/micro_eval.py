@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (2 measured best: docs/micro-model.md)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")

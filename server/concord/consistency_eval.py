@@ -44,7 +44,7 @@ def render_fixture_views(mesh_path: str | Path, size: int = 64, rig: str = "zero
 
 
 def run_config(model, viewset, prompt: str, consistency: dict, seed: int, steps: int, texture_size: int, out_dir: Path,
-               guidance: float = 3.0) -> dict:
+               guidance: float = 2.0) -> dict:
     """One texture job in-process; returns its metrics.json."""
     from concord.api.arrays import validate_arrays
     from concord.api.schemas import TextureParams
@@ -62,7 +62,7 @@ def run_config(model, viewset, prompt: str, consistency: dict, seed: int, steps:
 
 
 def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, texture_size: int = 256,
-            out_dir: Path | None = None, configs: dict[str, dict] | None = None, guidance: float = 3.0) -> list[dict]:
+            out_dir: Path | None = None, configs: dict[str, dict] | None = None, guidance: float = 2.0) -> list[dict]:
     """Rows {config, disagreement (mean over seeds), per_seed, coverage, seconds} for each configuration."""
     import tempfile
 
@@ -73,7 +73,7 @@ def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, textu
         for seed in seeds:
             m = run_config(model, viewset, prompt, switches, seed, steps, texture_size,
                            out_dir / name.replace(" ", "_") / f"seed{seed}", guidance)
-            per_seed.append(m["cross_view_disagreement"]["mean"])
+            per_seed.append(m["cross_view_disagreement"]["mean_abs_difference"])
             cover.append(m["coverage"])
         rows.append(
             {

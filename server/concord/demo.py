@@ -1,19 +1,21 @@
 """`concord demo` (`make demo`): texture an object THROUGH THE BLENDER ADD-ON's own code path, end to end.
 
 What it does, all on this machine and offline:
-1. starts a real `concord serve --model MODEL` subprocess on a free loopback port (the `tiny` model by
-   default: random weights, so the texture is coloured noise -- the plumbing is real, the pictures are not);
+1. starts a real `concord serve --model MODEL` subprocess on a free loopback port (the embedded `micro` model by
+   default: it paints the prompt's colours and simple patterns; `tiny` has random weights and paints noise);
 2. imports Blender as a Python module (the bpy wheel), enables the Concord add-on (``blender_addon``), builds
    the object in code (Suzanne from Blender's primitives, a Subdivision Surface modifier, Smart UV Project
    through the add-on's own one-click fix operator), saves ``demo.blend`` into OUT;
-3. runs the add-on's operator ``concord.texture_mesh(blocking=True)`` (capture with Cycles passes -> upload ->
-   server job -> download into ``OUT/concord/<object>_<timestamp>/`` -> new image + material);
+3. runs the add-on's operator ``concord.texture_mesh(blocking=True)`` twice (capture with Cycles passes ->
+   upload -> server job -> download into ``OUT/concord/<object>_<timestamp>/`` -> new image + material): once
+   with every view on its own, once jointly (shared attention, UV sync, UV noise), and puts their views side
+   by side in ``consistency.png``;
 4. renders a Cycles turntable (8 frames, 256 px, 16 samples) and tiles it into ``turntable.png`` with PIL;
 5. writes into OUT: ``demo.blend``, ``texture.png``, ``grid.png`` (the generated views), ``turntable.png``,
    ``panel.png`` (the add-on's sidebar panel, drawn from its own ``draw()``: a headless Blender cannot take a
    screenshot), and prints where.
 
-Runs in about a minute on 2 CPU cores with `tiny`. Blender's user folders (XDG_CONFIG_HOME, XDG_CACHE_HOME,
+Runs in about 30 s on 2 CPU cores. Blender's user folders (XDG_CONFIG_HOME, XDG_CACHE_HOME,
 BLENDER_USER_RESOURCES) are pointed at a temporary folder so the demo never touches the user's Blender set-up.
 
 Layer rule: a command-line driver. It may import bpy and the add-on (it is Blender's user here), never the
@@ -33,7 +35,7 @@ from pathlib import Path
 # What the demo asks of each embedded model. `micro` knows only its training words (colours, patterns, simple
 # shapes: docs/micro-model.md) and was trained on 64 px views; `tiny` has random weights.
 DEMO_SETTINGS = {
-    "micro": dict(prompt="a red and yellow checker sphere", view_size=128, steps=20, guidance=3.0, texture_size="512"),
+    "micro": dict(prompt="a red and yellow checker sphere", view_size=128, steps=20, guidance=2.0, texture_size="512"),
     "tiny": dict(prompt="a bronze statue of a monkey head, weathered green patina", view_size=256, steps=10,
                  guidance=7.5, texture_size="1024"),
 }

@@ -270,7 +270,7 @@ def evaluate(
     n_samples: int = 200,
     seed: int = 1234,
     steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 2.0,
     batch_size: int = 16,
     size: int = 64,
     classifier: PatternClassifier | None = None,

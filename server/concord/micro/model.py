@@ -344,7 +344,7 @@ class MicroPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         image=None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 2.0,
         generator: torch.Generator | None = None,
         output_type: str = "np",
         callback_on_step_end: Callable | None = None,
