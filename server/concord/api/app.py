@@ -338,7 +338,8 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
     return app
 
 
-def _parse_job_request(payload) -> schemas.DepthImageJob:
+def _parse_job_request(payload):
+    """The validated `JobRequest` variant (one `*Job` model of `schemas.JobRequest`), or an ApiError."""
     from concord.pipelines.kinds import JOB_KINDS
 
     if not isinstance(payload, dict):
