@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -48,14 +47,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model():
     """The `tiny` preset, loaded once (on the CPU) and shared: jobs never mutate the model."""
-    from concord.models.registry import load_model, quiet_libraries
+    from concord.models.registry import load_model
 
-    quiet_libraries()
     return load_model("tiny", "cpu")
 
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from concord.serve_process import free_port as pick
+
+    return pick()

@@ -162,10 +162,9 @@ def _run_local(args, params: dict, arrays: dict, out: Path, progress) -> None:
     from concord.api.arrays import validate_arrays
     from concord.api.schemas import TextureParams
     from concord.jobs.context import JobContext
-    from concord.models.registry import load_model, quiet_libraries
+    from concord.models.registry import load_model
     from concord.pipelines import texture
 
-    quiet_libraries()
     p = TextureParams.model_validate(params)
     arrays = validate_arrays(arrays, texture.ARRAYS)
     texture.check_inputs(p, arrays)

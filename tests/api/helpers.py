@@ -8,7 +8,7 @@ import time
 import numpy as np
 from fastapi.testclient import TestClient
 
-from concord.api.arrays import encode_npz
+from blender_addon.core.client import encode_arrays
 
 
 def sphere_depth(size: int = 64, distance: float = 3.0, radius: float = 0.8) -> np.ndarray:
@@ -24,7 +24,7 @@ def job_files(kind: str = "depth_image", params: dict | None = None, arrays: dic
     arrays = {"depth": sphere_depth()} if arrays is None else arrays
     files = {"request": (None, json.dumps({"kind": kind, "params": params}), "application/json")}
     if arrays is not False:
-        files["arrays"] = ("arrays.npz", encode_npz(arrays), "application/octet-stream")
+        files["arrays"] = ("arrays.npz", encode_arrays(arrays), "application/octet-stream")
     return files
 
 

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blender_addon.core.client import encode_arrays
 from concord.api.app import ServerSettings, create_app
-from concord.api.arrays import encode_npz
 from tests.api.helpers import sphere_depth
 
 VALID_PARAMS = {"prompt": "a red ball", "steps": 2}
@@ -73,7 +73,7 @@ def _not_json(s: str) -> bool:
 
 
 bad_json = st.text(max_size=200).filter(_not_json).map(
-    lambda s: ("bad json", {"files": multipart(s, encode_npz({"depth": good_depth()}))})
+    lambda s: ("bad json", {"files": multipart(s, encode_arrays({"depth": good_depth()}))})
 )
 
 json_values = st.recursive(
@@ -84,10 +84,10 @@ json_values = st.recursive(
 
 wrong_shape_json = json_values.filter(
     lambda v: not (isinstance(v, dict) and v.get("kind") == "depth_image")
-).map(lambda v: ("wrong json shape", {"files": multipart(json.dumps(v), encode_npz({"depth": good_depth()}))}))
+).map(lambda v: ("wrong json shape", {"files": multipart(json.dumps(v), encode_arrays({"depth": good_depth()}))}))
 
 unknown_kind = st.text(max_size=30).filter(lambda k: k != "depth_image").map(
-    lambda k: ("unknown kind", {"files": multipart(req(kind=k), encode_npz({"depth": good_depth()}))})
+    lambda k: ("unknown kind", {"files": multipart(req(kind=k), encode_arrays({"depth": good_depth()}))})
 )
 
 _bad_param_values = {
@@ -120,7 +120,7 @@ def bad_params(draw):
         params = draw(st.one_of(st.lists(st.integers(), max_size=3), st.text(max_size=5), st.integers(), st.none()))
     else:
         params[choice] = draw(_bad_param_values[choice])
-    return (f"bad params: {choice}", {"files": multipart(req(params), encode_npz({"depth": good_depth()}))})
+    return (f"bad params: {choice}", {"files": multipart(req(params), encode_arrays({"depth": good_depth()}))})
 
 
 @st.composite
@@ -137,35 +137,35 @@ def bad_arrays(draw):
     if choice == "not_zip":
         return (choice, {"files": multipart(req(), draw(st.binary(min_size=1, max_size=200)).replace(b"PK", b"XX"))})
     if choice == "truncated":
-        blob = encode_npz({"depth": depth})
+        blob = encode_arrays({"depth": depth})
         cut = draw(st.integers(1, len(blob) - 1))
         return (choice, {"files": multipart(req(), blob[:cut])})
     if choice == "wrong_dtype":
         dt = draw(st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex64]))
-        return (choice, {"files": multipart(req(), encode_npz({"depth": depth.astype(dt)}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": depth.astype(dt)}))})
     if choice == "wrong_ndim":
         shape = draw(st.sampled_from([(64,), (64, 64, 1), (1, 64, 64), (2, 64, 64, 1), ()]))
-        return (choice, {"files": multipart(req(), encode_npz({"depth": np.ones(shape, np.float32)}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": np.ones(shape, np.float32)}))})
     if choice == "bad_size":
         h = draw(st.one_of(st.integers(1, 31), st.integers(33, 200).filter(lambda v: v % 8)))
         w = draw(st.integers(32, 128))
-        return (choice, {"files": multipart(req(), encode_npz({"depth": np.ones((h, w), np.float32)}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": np.ones((h, w), np.float32)}))})
     if choice == "nonfinite":
         bad = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
         y, x = draw(st.integers(0, 63)), draw(st.integers(0, 63))
         depth[y, x] = bad
-        return (choice, {"files": multipart(req(), encode_npz({"depth": depth}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": depth}))})
     if choice == "extra":
         name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10).filter(lambda s: s != "depth"))
-        return (choice, {"files": multipart(req(), encode_npz({"depth": depth, name: np.zeros(3, np.float32)}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": depth, name: np.zeros(3, np.float32)}))})
     if choice == "renamed":
         name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=10).filter(lambda s: s != "depth"))
-        return (choice, {"files": multipart(req(), encode_npz({name: depth}))})
+        return (choice, {"files": multipart(req(), encode_arrays({name: depth}))})
     if choice == "empty_view":
-        return (choice, {"files": multipart(req(), encode_npz({"depth": np.zeros((64, 64), np.float32)}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": np.zeros((64, 64), np.float32)}))})
     if choice == "negative":
         depth[draw(st.integers(0, 63)), draw(st.integers(0, 63))] = -draw(st.floats(0.001, 100))
-        return (choice, {"files": multipart(req(), encode_npz({"depth": depth}))})
+        return (choice, {"files": multipart(req(), encode_arrays({"depth": depth}))})
     if choice == "pickle":
         buf = io.BytesIO()
         np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -181,7 +181,7 @@ def bad_arrays(draw):
     if choice == "arrays_as_text":
         return (choice, {"files": {"request": (None, req(), "application/json"), "arrays": (None, "not a file")}})
     name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8).filter(lambda s: s not in ("request", "arrays")))
-    return (choice, {"files": multipart(req(), encode_npz({"depth": depth}), extra={name: (None, "x")})})
+    return (choice, {"files": multipart(req(), encode_arrays({"depth": depth}), extra={name: (None, "x")})})
 
 
 zip_bomb = st.just(None).map(lambda _: ("zip bomb", {"files": multipart(req(), _zip_bomb())}))
@@ -213,5 +213,5 @@ def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(app_client, c
 
 def test_a_valid_request_still_passes_after_the_storm(app_client):
     """The fuzz cases above are malformed by construction; this control proves the route accepts a good one."""
-    r = app_client.post("/v1/jobs", files=multipart(req(), encode_npz({"depth": good_depth()})))
+    r = app_client.post("/v1/jobs", files=multipart(req(), encode_arrays({"depth": good_depth()})))
     assert r.status_code == 202, r.text

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from concord.api.arrays import encode_npz
+from blender_addon.core.client import encode_arrays
 from concord.api.schemas import TextureParams
 from concord.jobs.context import JobCancelled, JobContext, JobInputError
 from concord.pipelines import texture as T
@@ -445,7 +445,7 @@ def client(tiny_model, tmp_path):
 def submit(client, p: dict, arrays) -> str:
     files = {
         "request": (None, json.dumps({"kind": "texture", "params": p}), "application/json"),
-        "arrays": ("arrays.npz", encode_npz(arrays), "application/octet-stream"),
+        "arrays": ("arrays.npz", encode_arrays(arrays), "application/octet-stream"),
     }
     r = client.post("/v1/jobs", files=files)
     assert r.status_code == 202, r.text
@@ -481,7 +481,7 @@ def test_texture_job_through_the_app(client, arrays64):
 def test_texture_job_input_errors_are_422(client, arrays64):
     files = {
         "request": (None, json.dumps({"kind": "texture", "params": {"prompt": "x", "consistency": {"reference_views": [9]}}})),
-        "arrays": ("arrays.npz", encode_npz(arrays64), "application/octet-stream"),
+        "arrays": ("arrays.npz", encode_arrays(arrays64), "application/octet-stream"),
     }
     r = client.post("/v1/jobs", files=files)
     assert r.status_code == 422 and r.json()["field"] == "params.consistency.reference_views"

@@ -100,9 +100,8 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from concord.models.registry import load_model, quiet_libraries
+        from concord.models.registry import load_model
 
-        quiet_libraries()
         state["model"] = model if model is not None else await asyncio.to_thread(load_model, settings.model, settings.device)
         manager = JobManager(settings.data_dir, execute, max_queue=settings.max_queue, max_history=settings.max_history)
         manager.start()

@@ -170,9 +170,3 @@ def validate_arrays(arrays: dict[str, np.ndarray], contract: ArraysContract) -> 
 def _shape_text(shape: tuple[str | int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
-
-def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    """The inverse of `decode_npz`, for Python clients and tests."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()

@@ -273,7 +273,7 @@ def run(
     from concord.geometry.metrics import coverage_fraction, cross_view_disagreement
     from concord.geometry.transforms_json import write_transforms_json
     from concord.geometry.viewset import ViewSet
-    from concord.pipelines.denoiser import denoiser_from_model, x0_and_eps_from_output
+    from concord.pipelines.denoiser import ddim_step, denoiser_from_model, x0_and_eps_from_output
 
     timings: dict[str, float] = {}
     c = params.consistency
@@ -388,8 +388,6 @@ def run(
                 x = synced_ddim_step(x, x0, abar, abar_prev)
                 synced_steps += 1
             else:
-                from concord.pipelines.denoiser import ddim_step
-
                 x = ddim_step(x0, eps, abar_prev)
             ctx.advance(i + 1)
     timings["denoising_s"] = time.perf_counter() - t0
