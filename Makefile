@@ -1,7 +1,9 @@
 # Concord: two commands on a fresh machine.
 #   make demo   run the main job end to end on the embedded model; results in out/demo/
 #   make test   run the whole test suite
-# Both create (or refresh, when pyproject.toml changed) the virtual environment .venv from the project's own files.
+#   make load   load and fuzz benchmarks of a real server (not CI, ~10 min): bench/load.py, bench/fuzz.py;
+#               figures in docs/performance.md
+# Each creates (or refreshes, when pyproject.toml changed) the virtual environment .venv from the project's own files.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -9,7 +11,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.concord-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench openapi clean addon
+.PHONY: demo test venv bench load openapi clean addon
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Concord needs Python 3.11 (the bpy wheel pins it); set PYTHON=/path/to/python3.11"'
@@ -36,6 +38,10 @@ addon: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/server.py
+
+load: $(STAMP)
+	$(BIN)/python bench/load.py
+	$(BIN)/python bench/fuzz.py
 
 openapi: $(STAMP)
 	$(BIN)/concord openapi --out docs/openapi.json

@@ -77,6 +77,7 @@ def bench_job_overhead(bpy, size=128, steps=10, texture="512") -> dict:
     ob = _sphere(bpy)
     bpy.context.view_layer.objects.active = ob
     s = bpy.context.scene.concord
+    s.model_defaults = False  # the case's own sizes, not tiny's recommended ones
     s.prompt, s.steps, s.view_resolution, s.texture_size = "marble", steps, size, texture
     with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), model="tiny") as server:
         bpy.context.preferences.addons["blender_addon"].preferences.server_url = server.url

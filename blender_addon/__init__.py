@@ -15,10 +15,16 @@ def _modules():
 
 
 def register():
+    from .ops import apply
+
     for module in _modules():
         module.register()
+    apply.register_handlers()  # save_pre: results of an unsaved file move beside the .blend when it is saved
 
 
 def unregister():
+    from .ops import apply
+
+    apply.unregister_handlers()
     for module in reversed(_modules()):
         module.unregister()

@@ -3,7 +3,9 @@
 The check runs ``ConcordClient.health()`` on a worker thread (a dead server must not freeze Blender for the
 timeout); a ``bpy.app.timers`` callback picks the answer up on the main thread and shows it in the
 preferences: model, device and protocol version, or exactly why not (refused/down, wrong token, protocol
-mismatch, timeout). In background mode (no event loop) the operator waits for the thread instead.
+mismatch, timeout). In background mode (no event loop) the operator waits for the thread instead. A successful
+check also fills the current scene's view size / steps / guidance / texture size with the model's recommended
+settings when its "Model Defaults" switch is on (``props.fill_model_defaults``, on the main thread).
 
 Layer rule: a bpy layer (preferences UI). Network only through ``core.client`` on a worker thread.
 """
@@ -16,7 +18,7 @@ import threading
 import bpy
 from bpy.props import BoolProperty, FloatProperty, StringProperty
 
-from .core.client import ConcordClient, ServerError
+from .core.client import ConcordClient, ServerError, is_loopback_url
 
 ADDON_ID = __package__  # "blender_addon" when enabled from a folder, "bl_ext.<repo>.concord" as an extension
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -37,12 +39,30 @@ def server_settings(context=None) -> tuple[str, str | None, float]:
     return p.server_url.strip() or DEFAULT_URL, (p.token.strip() or None), float(p.timeout)
 
 
-def describe_health(h: dict) -> str:
+def online_access_refusal(url: str) -> str | None:
+    """Why the add-on may not talk to ``url`` now, or None. A server on this computer (loopback) is always
+    allowed; any other address only while Blender allows online access (Preferences > System > Network)."""
+    if is_loopback_url(url) or getattr(bpy.app, "online_access", True):
+        return None
     return (
+        f"{url} is not on this computer and Blender's online access is off: allow it in Preferences > System > "
+        "Network > Allow Online Access, or run the server on this computer (e.g. http://127.0.0.1:8765)"
+    )
+
+
+def describe_health(h: dict) -> str:
+    text = (
         f"Connected: model {h.get('model')} ({h.get('model_kind')}) on {h.get('device')} {h.get('dtype')}, "
         f"protocol {h.get('protocol_version')}, server {h.get('server_version')}, "
         f"queue {h.get('queue_length')}/{h.get('queue_capacity')}"
     )
+    rec = h.get("recommended")
+    if isinstance(rec, dict):
+        text += (
+            f"; model defaults: {rec.get('view_size')} px views, {rec.get('steps')} steps, "
+            f"guidance {rec.get('guidance')}, texture {rec.get('texture_size')}"
+        )
+    return text
 
 
 class ConcordPreferences(bpy.types.AddonPreferences):
@@ -116,6 +136,11 @@ class CONCORD_OT_check_server(bpy.types.Operator):
     def execute(self, context):
         url, token, timeout = server_settings(context)
         prefs = get_preferences(context)
+        refusal = online_access_refusal(url)
+        if refusal is not None:  # refused before any connection is made
+            text, _ = _store(prefs, "error", refusal)
+            self.report({"ERROR"}, text)
+            return {"CANCELLED"}
         answers = check_server_async(url, token, timeout)
         if self.blocking or bpy.app.background:
             kind, value = answers.get(timeout=timeout + 5.0)
@@ -147,7 +172,19 @@ def _store(prefs, kind: str, value) -> tuple[str, bool]:
     text = describe_health(value) if ok else f"Not connected: {value}"
     if prefs is not None:
         prefs.status_text, prefs.status_ok, prefs.checking = text, ok, False
+    if ok:
+        _fill_scene_defaults(value)
     return text, ok
+
+
+def _fill_scene_defaults(health: dict) -> None:
+    """The current scene takes the server model's recommended settings where its Model Defaults switch is on."""
+    from .props import fill_model_defaults
+
+    scene = getattr(bpy.context, "scene", None)
+    settings = getattr(scene, "concord", None) if scene is not None else None
+    if settings is not None and settings.model_defaults:
+        fill_model_defaults(settings, health)
 
 
 classes = (ConcordPreferences, CONCORD_OT_check_server)

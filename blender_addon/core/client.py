@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import json
+import os
+import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zipfile
@@ -20,6 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol
+
+
+NOT_CONCORD_HINT = (
+    "check the Server URL in the add-on preferences: it is the address `concord serve` prints when it starts "
+    "(by default http://127.0.0.1:8765)"
+)
 
 
 class ServerError(RuntimeError):
@@ -71,6 +81,22 @@ def encode_arrays(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this computer: ``localhost``, 127.0.0.0/8 or ::1 (no name is resolved)."""
+    try:
+        host = urllib.parse.urlsplit(url.strip()).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ConcordClient:
     def __init__(self, url: str = "http://127.0.0.1:8765", token: str | None = None, timeout: float = 30.0):
         self.url = url.rstrip("/")
@@ -88,7 +114,7 @@ class ConcordClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return resp.read(), resp.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
+            raise self._http_error(exc, method, path) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, ConnectionRefusedError):
@@ -104,13 +130,23 @@ class ConcordClient:
         except (ConnectionError, http.client.HTTPException) as exc:
             raise ServerError(f"the connection to {self.url} broke: {exc}", hint="the server may have stopped") from None
 
-    @staticmethod
-    def _http_error(exc: urllib.error.HTTPError) -> ServerError:
+    def _http_error(self, exc: urllib.error.HTTPError, method: str = "GET", path: str = "") -> ServerError:
         try:
             body = json.loads(exc.read() or b"{}")
         except ValueError:
             body = {}
-        message = body.get("error") or f"HTTP {exc.code} {exc.reason}"
+        if not isinstance(body, dict) or not body.get("error"):
+            # Every Concord error is JSON with an "error" field: this answer came from something else (another
+            # web server, a proxy's 404 page, a captive portal).
+            hint = NOT_CONCORD_HINT
+            if exc.code == 401:
+                hint = "if a proxy asks for a login, point the add-on at the Concord server itself; " + hint
+            return ServerError(
+                f"{self.url} does not lead to a Concord server: it answered HTTP {exc.code} {exc.reason} to {method} {path}",
+                hint=hint,
+                status=exc.code,
+            )
+        message = body.get("error")
         hint = body.get("hint")
         if exc.code == 401:
             hint = hint or "set the server's token in the add-on preferences"
@@ -121,12 +157,17 @@ class ConcordClient:
         try:
             return json.loads(data)
         except ValueError:
-            raise ServerError(f"{self.url}{path} answered with something that is not JSON", hint="is this a Concord server?") from None
+            raise ServerError(
+                f"{self.url} does not lead to a Concord server: {method} {path} answered with something that is not JSON",
+                hint=NOT_CONCORD_HINT,
+            ) from None
 
     # ------------------------------------------------------------------------------------------------ API
     def health(self) -> dict:
         """The server's health, after checking it speaks our protocol version."""
         h = self._json("GET", "/v1/health")
+        if not isinstance(h, dict) or "protocol_version" not in h:
+            raise ServerError(f"{self.url} does not lead to a Concord server: its /v1/health is not Concord's", hint=NOT_CONCORD_HINT)
         version = h.get("protocol_version")
         if version != protocol.PROTOCOL_VERSION:
             raise ServerError(
@@ -153,19 +194,41 @@ class ConcordClient:
         return data
 
     def download_result(self, job_id: str, out_dir: Path) -> list[Path]:
-        """Fetch every result file into out_dir (written fully before returning)."""
+        """Fetch every result file into ``out_dir``, which appears only once complete.
+
+        The files are written into a hidden sibling ``.<name>.partial`` folder that is renamed to ``out_dir``
+        after the last byte is on disk (the server's results work the same way): a broken download (server
+        gone, disk full, a bad archive) leaves nothing that looks finished. ``out_dir`` must not exist yet or
+        be empty."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        with zipfile.ZipFile(io.BytesIO(self.result_zip(job_id))) as zf:
-            for name in zf.namelist():
-                target = (out_dir / name).resolve()
-                if out_dir.resolve() not in target.parents:
-                    raise ServerError(f"the server sent an unsafe file name {name!r}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(name))
-                paths.append(target)
-        return paths
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            raise ServerError(f"the result folder {out_dir} already has files", hint="choose a new, empty folder")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = out_dir.with_name(f".{out_dir.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier broken download
+        partial.mkdir()
+        try:
+            data = self.result_zip(job_id)
+            names = []
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for name in zf.namelist():
+                    target = (partial / name).resolve()
+                    if partial.resolve() not in target.parents:
+                        raise ServerError(f"the server sent an unsafe file name {name!r}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(zf.read(name))
+                    names.append(name)
+            if out_dir.is_dir():
+                out_dir.rmdir()  # empty (checked above)
+            os.replace(partial, out_dir)
+        except zipfile.BadZipFile:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ServerError(f"the result of job {job_id} arrived damaged (not a complete zip archive)",
+                              hint="download it again; if it persists, the server's disk may be full") from None
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return [(out_dir / name).resolve() for name in names]
 
     def wait(self, job_id: str, on_progress=None, poll: float = 0.2, should_cancel=None, deadline: float | None = None) -> dict:
         """Poll until the job ends. Returns the final status when done; raises ServerError / JobCancelledError."""
@@ -173,10 +236,15 @@ class ConcordClient:
         start = time.monotonic()
         while True:
             st = self.status(job_id)
+            if st["state"] == "done":
+                # A job may finish between two polls: its last progress is still reported as complete, so
+                # a progress bar never stops short of full on a finished job.
+                if on_progress:
+                    total = max(int(st.get("total") or 0), 1)
+                    on_progress(Progress(st["state"], st["stage"], total, total, st.get("message", "")))
+                return st
             if on_progress:
                 on_progress(Progress(st["state"], st["stage"], st["step"], st["total"], st.get("message", "")))
-            if st["state"] == "done":
-                return st
             if st["state"] == "failed":
                 err = st.get("error") or {}
                 raise ServerError(f"the job failed: {err.get('error', 'unknown error')}", hint=err.get("hint"), field=err.get("field"))

@@ -4,7 +4,7 @@ The add-on cannot import pydantic or the server package, so the few facts it rel
 tests/core/test_protocol_mirror.py fails when they drift from the server's schemas or docs/openapi.json.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED_STATES = ("done", "failed", "cancelled")
@@ -15,12 +15,16 @@ HEALTH_FIELDS = (
     "server_version",
     "model",
     "model_kind",
+    "recommended",
     "device",
     "dtype",
     "queue_length",
     "queue_capacity",
     "busy",
     "job_kinds",
+    "status",
+    "worker_alive",
+    "problem",
 )
 JOB_STATUS_FIELDS = (
     "id",
@@ -37,6 +41,13 @@ JOB_STATUS_FIELDS = (
     "files",
 )
 ERROR_FIELDS = ("error", "field", "hint")
+# `recommended` in the health answer (and in each /v1/models entry): the model's recommended settings.
+RECOMMENDED_FIELDS = ("view_size", "steps", "guidance", "texture_size", "native_size", "max_view_size")
+# Job parameters the server fills from its model's recommended settings when a request leaves them out.
+MODEL_DEFAULT_PARAMS = {
+    "depth_image": ("steps", "guidance"),
+    "texture": ("steps", "guidance", "texture_size"),
+}
 
 # Job kinds the add-on submits, with the parameters it may send.
 JOB_PARAMS = {

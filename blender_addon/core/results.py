@@ -1,7 +1,10 @@
 """Where a job's results go on disk, and what the add-on reads back from them (metrics.json).
 
 Results are written beside the .blend (``//concord/<object>_<timestamp>/``) or, for a file never saved, into
-a temporary folder, BEFORE the scene changes: a crash while applying never loses the texture.
+``<system temp>/concord/<object>_<timestamp>/``, BEFORE the scene changes: a crash while applying never loses
+the texture. The temp folder does not outlive the machine's clean-ups, so when such a file is first saved the
+add-on copies each job folder it uses beside the .blend (``relocate_result``, called from a save handler in
+``ops.apply``) and points the images there.
 
 Layer rule: plain Python. No bpy, no torch, no server package.
 """
@@ -9,7 +12,9 @@ Layer rule: plain Python. No bpy, no torch, no server package.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +36,51 @@ def result_folder(blend_filepath: str, object_name: str, now: float | None = Non
     if blend_filepath:
         root = Path(blend_filepath).resolve().parent / "concord"
     else:
-        root = Path(temp_root or tempfile.gettempdir()) / "concord"
-    base = root / f"{safe_name(object_name)}_{stamp}"
+        root = temp_results_root(temp_root)
+    return _unused(root / f"{safe_name(object_name)}_{stamp}")
+
+
+def _unused(base: Path) -> Path:
     path, i = base, 1
-    while path.exists():
+    while path.exists() or path.with_name(path.name + ".partial").exists():
         path = base.with_name(f"{base.name}-{i}")
         i += 1
     return path
+
+
+def temp_results_root(temp_root: str | None = None) -> Path:
+    """Where results of a file never saved go: ``<system temp>/concord``."""
+    return Path(temp_root or tempfile.gettempdir()) / "concord"
+
+
+def temporary_job_folder(path: str | Path, temp_root: str | None = None) -> Path | None:
+    """The job folder (a direct child of ``temp_results_root``) that holds ``path``, or None if ``path`` is
+    not inside the temp results root."""
+    root = temp_results_root(temp_root).resolve()
+    try:
+        rel = Path(path).resolve().relative_to(root)
+    except ValueError:
+        return None
+    return root / rel.parts[0] if rel.parts else None
+
+
+def relocate_result(folder: str | Path, blend_filepath: str) -> Path:
+    """Copy a job folder into ``<blend dir>/concord/<same name>`` (a ``-N`` suffix if that name is taken) and
+    return the new folder. The copy is made in ``<name>.partial`` and renamed into place, so a half-made copy
+    never looks like a result. The original stays where it was (an undo may still point at it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the result folder {folder} no longer exists")
+    target = _unused(Path(blend_filepath).resolve().parent / "concord" / folder.name)
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(folder, partial)
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
 
 
 def read_metrics(out_dir: Path) -> dict:

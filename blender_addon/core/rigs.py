@@ -12,7 +12,9 @@ both give the same cameras for the same bounding sphere):
 
 Rigs: Zero123++ v1.2 (six views, azimuths 30..330 step 60, elevations 20/-10 alternating, fov 30 degrees),
 an orbit of N views at one elevation, and the scene's own cameras (``scene_cameras`` takes their
-``matrix_world`` and lens settings as plain numbers; the bpy side reads them).
+``matrix_world`` and lens settings as plain numbers; the bpy side reads them). Of the scene's cameras only
+the visible perspective ones are used (``usable_scene_cameras`` says which others were skipped and why): the
+ViewSet contract is a pinhole camera, which an orthographic or panoramic camera is not.
 
 Layer rule: plain Python + numpy; never imports bpy, torch or the server package.
 """
@@ -47,6 +49,7 @@ class Camera:
 
     K: np.ndarray
     world_to_camera: np.ndarray
+    name: str = ""  # the scene camera's name (scene_cameras); "" for the generated rigs
 
 
 def intrinsics_from_fov(fov_y_deg: float, width: int, height: int) -> np.ndarray:
@@ -144,20 +147,47 @@ class SceneCamera:
     sensor_fit: str
     shift_x: float = 0.0
     shift_y: float = 0.0
+    hidden: str = ""  # why the camera is not to be used though it is in the scene ("hidden", ...); "" = visible
+
+
+_UNSUPPORTED = {"ORTHO": "orthographic", "PANO": "panoramic"}
+
+
+def usable_scene_cameras(cameras: Sequence[SceneCamera]) -> tuple[list[SceneCamera], list[tuple[str, str]]]:
+    """(the cameras to use, [(name, why skipped), ...]): visible perspective cameras are used; hidden ones
+    and orthographic / panoramic ones (not pinhole cameras: the ViewSet contract has no place for them) are
+    skipped."""
+    used, skipped = [], []
+    for cam in cameras:
+        if cam.hidden:
+            skipped.append((cam.name, cam.hidden))
+        elif cam.type != "PERSP":
+            kind = _UNSUPPORTED.get(cam.type, cam.type)
+            skipped.append((cam.name, f"{kind}; only perspective cameras can be used"))
+        else:
+            used.append(cam)
+    return used, skipped
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """'camera 'A' (orthographic; ...), camera 'B' (hidden)' for a report; '' when none."""
+    return ", ".join(f"camera {name!r} ({why})" for name, why in skipped)
 
 
 def scene_cameras(cameras: Sequence[SceneCamera], width: int, height: int) -> list[Camera]:
-    """The scene's perspective cameras as ViewSet cameras at width x height (square pixels)."""
+    """The scene's visible perspective cameras as ViewSet cameras at width x height (square pixels), named.
+    Raises RigError when there is none (saying why each camera was skipped)."""
     if not cameras:
-        raise RigError("the scene has no cameras", )
+        raise RigError("the scene has no cameras: add one, or choose the Zero123++ or Orbit rig")
+    used, skipped = usable_scene_cameras(cameras)
+    if not used:
+        raise RigError(f"no camera of the scene can be used: {describe_skipped(skipped)}")
     out = []
-    for cam in cameras:
-        if cam.type != "PERSP":
-            raise RigError(f"camera {cam.name!r} is {cam.type}; only perspective cameras can be used")
+    for cam in used:
         K = intrinsics_from_blender_camera(
             cam.lens, cam.sensor_width, cam.sensor_height, cam.sensor_fit, cam.shift_x, cam.shift_y, width, height
         )
-        out.append(Camera(K, opencv_from_blender_matrix_world(cam.matrix_world)))
+        out.append(Camera(K, opencv_from_blender_matrix_world(cam.matrix_world), cam.name))
     return out
 
 

@@ -9,14 +9,33 @@ button, ``concord.cancel_job``) reaches the server through the worker. With ``bl
 in background mode the same steps run in a loop on the calling thread, and an undo step is pushed after
 the apply.
 
+Model Defaults (the scene setting, on by default): the views must be captured at the model's view size, so
+before capturing the operator asks the server for its health on a worker thread (``prefs.check_server_async``;
+the modal timer, or the blocking loop, waits for the answer), fills view size / steps / guidance / texture size
+from the model's recommended settings (``props.fill_model_defaults``, main thread), and sends the job WITHOUT
+steps, guidance and texture size so the server fills them from the model that runs it (metrics.json then says
+``source: model``). The answer is fetched at every job start rather than cached, so a server restarted with
+another model is never run at the previous model's sizes. The settings used are written to metrics.json
+(``settings``; the view size's source is added here, the server cannot know it) and shown in the panel.
+
+Edit Mode: the operator runs from it and leaves the object in it. The capture first writes the edit data to the
+mesh (``capture.flush_edit_mode``: otherwise it would see the mesh from before the edit), and New Slot's face
+assignment is written through the edit mesh (``apply.assign_all_faces``), which would overwrite it otherwise.
+Scene Cameras: cameras that cannot be used are skipped and named in the final report (``rigs.usable_scene_cameras``).
+
 Any failure (nothing selected, not a mesh, no UV map, server down, job failed, cancelled) is reported with
-``self.report`` and leaves the scene unchanged.
+``self.report``, shown as the panel's last line (the latest outcome, never an older one) and leaves the scene
+unchanged. Any exit from a run (Ctrl+C in a blocking run included: it is re-raised after the clean-up) clears
+the add-on's state and cancels the server's job (``_cleanup``, ``jobs.run_blocking``). Other selected meshes
+are named in the report: only the active mesh is textured.
 
 Layer rule: a bpy layer (ops/). Network only through the worker thread; bpy only on the main thread.
 """
 
 from __future__ import annotations
 
+import json
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +44,11 @@ import bpy
 from bpy.props import BoolProperty
 
 from .. import capture
-from ..core import jobs, packing, results, rigs
+from ..core import jobs, packing, protocol, results, rigs
 from ..core.client import ConcordClient
-from ..prefs import server_settings
-from .apply import ApplyError, apply_texture
+from ..prefs import check_server_async, online_access_refusal, server_settings
+from ..props import describe_used, fill_model_defaults
+from .apply import ApplyError, apply_texture, describe_placement
 
 
 @dataclass
@@ -42,6 +62,9 @@ class ActiveJob:
     session: object | None = None  # capture.CaptureSession while capturing
     worker: jobs.JobWorker | None = None
     cancel_requested: bool = False
+    model_defaults: bool = False  # view size / steps / guidance / texture size from the server's model
+    health: object | None = None  # Model Defaults: queue receiving the health answer, until it came
+    notes: list = field(default_factory=list)  # for the final report (e.g. scene cameras skipped, and why)
     t0: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
 
@@ -78,6 +101,21 @@ def selected_mesh(context) -> tuple[bpy.types.Object | None, str | None]:
     return ob, None
 
 
+def selection_notes(context, ob) -> list[str]:
+    """For the report: the other selected meshes, which are not textured (texturing several objects jointly is a
+    later capability; today the active mesh is textured alone)."""
+    others = sorted(o.name for o in context.selected_objects if o.type == "MESH" and o.name != ob.name)
+    if not others:
+        return []
+    names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    what = "mesh was" if len(others) == 1 else "meshes were"
+    return [f"{len(others)} other selected {what} not textured ({names}): Concord textures the active mesh only"]
+
+
+def _interrupted(exc: BaseException) -> str:
+    return "interrupted (Ctrl+C)" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
+
+
 def resolve_uv_map(ob, requested: str) -> tuple[str | None, str | None]:
     uvs = ob.data.uv_layers
     if len(uvs) == 0:
@@ -94,7 +132,7 @@ def resolve_uv_map(ob, requested: str) -> tuple[str | None, str | None]:
 
 def rig_cameras(context, settings, ob, width: int, height: int) -> list[rigs.Camera]:
     if settings.rig == "SCENE_CAMERAS":
-        return rigs.scene_cameras(capture.scene_camera_specs(context.scene), width, height)
+        return rigs.scene_cameras(capture.scene_camera_specs(context.scene, context.view_layer), width, height)
     center, radius = capture.world_bounding_sphere(ob, context.evaluated_depsgraph_get())
     if settings.rig == "ORBIT":
         return rigs.orbit(settings.orbit_views, center, radius, width, height, settings.orbit_elevation)
@@ -111,6 +149,62 @@ def view_size(context, settings) -> tuple[int, int]:
     if w >= h:
         return n, max(8, int(round(n * h / w / 8)) * 8)
     return max(8, int(round(n * w / h / 8)) * 8), n
+
+
+def new_capture_session(context, settings, ob, uv_map: str):
+    """The capture of `ob` through the settings' rig at the settings' view size."""
+    width, height = view_size(context, settings)
+    cameras = rig_cameras(context, settings, ob, width, height)
+    session = capture.CaptureSession(ob, uv_map, cameras, width, height)
+    if settings.rig == "SCENE_CAMERAS":  # say which cameras were left out, and why
+        _, skipped = rigs.usable_scene_cameras(capture.scene_camera_specs(context.scene, context.view_layer))
+        if skipped:
+            session.notes.append(f"skipped {rigs.describe_skipped(skipped)}")
+    return session
+
+
+def record_view_size(out_dir: Path, metrics: dict, from_model: bool) -> dict:
+    """Add ``settings.view_size`` ({value, source}) to the job's metrics.json: only the add-on knows whether the
+    size it captured at was the model's or the user's."""
+    size = metrics.get("view_size")
+    if not size:
+        return metrics
+    metrics.setdefault("settings", {})["view_size"] = {"value": max(size), "source": "model" if from_model else "user"}
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def surface_arrays(ob, uv_map: str, depsgraph) -> dict:
+    """The texture job's optional `triangles` float32 (F, 3, 3) world positions and `triangle_uv` (F, 3, 2) of the
+    evaluated mesh the capture renders (modifiers applied), so the server's coverage counts UV-island texels;
+    {} when the UV map did not survive the modifiers."""
+    import numpy as np
+
+    ob_eval = ob.evaluated_get(depsgraph)
+    mesh = ob_eval.to_mesh(preserve_all_data_layers=True, depsgraph=depsgraph)
+    try:
+        if uv_map not in mesh.uv_layers:
+            return {}
+        mesh.calc_loop_triangles()
+        n = len(mesh.loop_triangles)
+        loops = np.empty(3 * n, dtype=np.int32)
+        verts = np.empty(3 * n, dtype=np.int32)
+        mesh.loop_triangles.foreach_get("loops", loops)
+        mesh.loop_triangles.foreach_get("vertices", verts)
+        co = np.empty(3 * len(mesh.vertices), dtype=np.float64)
+        mesh.vertices.foreach_get("co", co)
+        uv = np.empty(2 * len(mesh.loops), dtype=np.float32)
+        mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
+        M = np.array(ob_eval.matrix_world, dtype=np.float64)
+        world = co.reshape(-1, 3) @ M[:3, :3].T + M[:3, 3]
+        if n == 0 or not np.isfinite(world).all() or not np.isfinite(uv).all():
+            return {}
+        return {
+            "triangles": world[verts].reshape(n, 3, 3).astype(np.float32),
+            "triangle_uv": uv.reshape(-1, 2)[loops].reshape(n, 3, 2),
+        }
+    finally:
+        ob_eval.to_mesh_clear()
 
 
 def _redraw(context) -> None:
@@ -149,6 +243,10 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         if _ACTIVE is not None:
             self.report({"ERROR"}, "A Concord job is already running: wait for it or cancel it")
             return {"CANCELLED"}
+        refusal = online_access_refusal(server_settings(context)[0])
+        if refusal is not None:  # before any capture or connection
+            self._refuse(context, f"Concord: {refusal}")
+            return {"CANCELLED"}
         settings = context.scene.concord
         ob, err = selected_mesh(context)
         if err is None:
@@ -169,18 +267,28 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                     uv_noise=settings.uv_noise,
                     loss_guidance=settings.loss_guidance,
                 )
-                width, height = view_size(context, settings)
-                cameras = rig_cameras(context, settings, ob, width, height)
+                if settings.model_defaults:  # left out: the server fills them from the model that runs the job
+                    for key in protocol.MODEL_DEFAULT_PARAMS["texture"]:
+                        self._params.pop(key, None)
                 out_dir = results.result_folder(bpy.data.filepath, ob.name)
-                session = capture.CaptureSession(ob, uv_map, cameras, width, height)
+                # Model Defaults: the view size comes with the server's answer; capture starts once it is in
+                session = None if settings.model_defaults else new_capture_session(context, settings, ob, uv_map)
             except (packing.PackingError, rigs.RigError, capture.CaptureError) as exc:
                 err = str(exc)
         if err is not None:
-            self.report({"ERROR"}, err)
+            self._refuse(context, err)
             return {"CANCELLED"}
 
-        _ACTIVE = ActiveJob(ob.name, uv_map, out_dir, settings.slot_mode, session=session)
-        self._set_state(context, running=True, stage="capturing", step=0, total=len(cameras), message="")
+        _ACTIVE = ActiveJob(
+            ob.name, uv_map, out_dir, settings.slot_mode, session=session, model_defaults=settings.model_defaults
+        )
+        _ACTIVE.notes.extend(selection_notes(context, ob))
+        if session is None:
+            url, token, timeout = server_settings(context)
+            _ACTIVE.health = check_server_async(url, token, timeout)  # the network wait runs on a thread
+            self._set_state(context, running=True, stage="connecting", step=0, total=0, message=url)
+        else:
+            self._set_state(context, running=True, stage="capturing", step=0, total=len(session.cameras), message="")
         if self.blocking or bpy.app.background or context.window is None:
             return self._run_blocking(context)
         wm = context.window_manager
@@ -192,12 +300,28 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
     def _run_blocking(self, context):
         job = _ACTIVE
         try:
+            if job.health is not None:
+                timeout = server_settings(context)[2]
+                try:
+                    answer = job.health.get(timeout=timeout + 5.0)
+                except queue.Empty:
+                    return self._finish(context, jobs.Failed(f"the server did not answer within {timeout:g} s"))
+                final = self._start_capture(context, *answer)
+                if final is not None:
+                    return self._finish(context, final)
             while not job.session.done:
                 job.session.capture_next()
             self._start_worker(context)
         except Exception as exc:
             return self._finish(context, jobs.Failed(f"capture failed: {exc}"))
-        final = jobs.run_blocking(job.worker, on_message=lambda m: self._on_message(context, m))
+        except BaseException as exc:  # Ctrl+C while connecting or capturing: nothing was sent yet
+            self._finish(context, jobs.Cancelled(f"{_interrupted(exc)} before the job was sent"))
+            raise
+        try:
+            final = jobs.run_blocking(job.worker, on_message=lambda m: self._on_message(context, m))
+        except BaseException as exc:  # Ctrl+C while waiting: run_blocking had the server cancel the job
+            self._finish(context, jobs.Cancelled(f"{_interrupted(exc)}: the job was cancelled on the server"))
+            raise
         return self._finish(context, final)
 
     # ------------------------------------------------------------------ interactive
@@ -208,6 +332,18 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         if event.type != "TIMER":
             return {"PASS_THROUGH"}
         try:
+            if job.health is not None:  # Model Defaults: waiting for the server's answer (a thread fetches it)
+                if job.cancel_requested:
+                    return self._finish(context, jobs.Cancelled("cancelled while connecting"))
+                try:
+                    answer = job.health.get_nowait()
+                except queue.Empty:
+                    return {"RUNNING_MODAL"}
+                final = self._start_capture(context, *answer)
+                if final is not None:
+                    return self._finish(context, final)
+                _redraw(context)
+                return {"RUNNING_MODAL"}
             if job.worker is None:
                 if job.cancel_requested:
                     return self._finish(context, jobs.Cancelled("cancelled while capturing"))
@@ -219,10 +355,13 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                 return {"RUNNING_MODAL"}
         except Exception as exc:
             return self._finish(context, jobs.Failed(f"capture failed: {exc}"))
-        for msg in job.worker.drain():
-            if isinstance(msg, jobs.FINAL):
-                return self._finish(context, msg)
-            self._on_message(context, msg)
+        try:
+            for msg in job.worker.drain():
+                if isinstance(msg, jobs.FINAL):
+                    return self._finish(context, msg)
+                self._on_message(context, msg)
+        except Exception as exc:  # a bug while following the job: end the run (and the server's job) cleanly
+            return self._finish(context, jobs.Failed(f"unexpected error: {type(exc).__name__}: {exc}"))
         _redraw(context)
         return {"RUNNING_MODAL"}
 
@@ -231,12 +370,35 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         self._cleanup(context)
 
     # ------------------------------------------------------------------ shared steps
+    def _start_capture(self, context, kind: str, value):
+        """Model Defaults: the server answered. Fill the settings from its model's recommended ones and start
+        capturing. Returns the final message when the job cannot go on, else None."""
+        job = _ACTIVE
+        job.health = None
+        if kind != "ok":
+            return jobs.Failed(str(value))
+        settings = context.scene.concord
+        fill_model_defaults(settings, value)
+        ob = bpy.data.objects.get(job.object_name)
+        if ob is None:
+            return jobs.Failed(f"{job.object_name!r} was deleted before its views were captured")
+        try:
+            job.session = new_capture_session(context, settings, ob, job.uv_map)
+        except (rigs.RigError, capture.CaptureError) as exc:
+            return jobs.Failed(str(exc))
+        self._set_state(context, stage="capturing", step=0, total=len(job.session.cameras), message="")
+        return None
+
     def _start_worker(self, context) -> None:
         job = _ACTIVE
         t = time.perf_counter()
         arrays = job.session.arrays()
+        ob = bpy.data.objects.get(job.object_name)
+        if ob is not None:  # the triangles: the server measures coverage over the UV islands
+            arrays.update(surface_arrays(ob, job.uv_map, context.evaluated_depsgraph_get()))
         job.timings["capture_s"] = sum(job.session.seconds) + (time.perf_counter() - t)
         job.timings["views"] = len(job.session.seconds)
+        job.notes.extend(job.session.notes)
         job.session.close()
         job.session = None
         url, token, timeout = server_settings(context)
@@ -263,10 +425,19 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                 job.timings["apply_s"] = time.perf_counter() - t
                 job.timings.update(msg.timings)
                 job.timings["total_s"] = time.perf_counter() - job.t0
-                metrics = results.read_metrics(job.out_dir)
+                metrics = record_view_size(job.out_dir, results.read_metrics(job.out_dir), job.model_defaults)
+                state.last_settings = describe_used(metrics)
                 cov = metrics.get("coverage")
-                cov_text = f", coverage {cov:.0%}" if isinstance(cov, (int, float)) else ""
-                text = f"Textured {ob.name} with {made['material'].name}{cov_text}; files in {job.out_dir}"
+                cov_text = f", coverage {cov:.0%} of the UV islands" if isinstance(cov, (int, float)) else ""
+                placement = describe_placement(made)
+                text = f"Textured {ob.name} with {made['material'].name}{cov_text}"
+                text += (f"; {placement}" if placement else "") + "".join(f"; {note}" for note in job.notes)
+                text += f"; files in {job.out_dir}"
+                if results.temporary_job_folder(job.out_dir) is not None:  # a file never saved
+                    unsaved = ("this file is not saved: the results are in a temporary folder until you save the "
+                               ".blend, which copies them beside it")
+                    text += f"; {unsaved}"
+                    self.report({"WARNING"}, f"Concord: {unsaved}")
                 state.preview_image = made["grid_image"].name if made["grid_image"] else made["image"].name
                 state.last_result = str(job.out_dir)
                 self.report({"INFO"}, text)
@@ -279,13 +450,21 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                 text = f"Concord: {msg.message}; the scene is unchanged"
                 self.report({"WARNING"}, text)
                 state.last_report = text
+                state.last_settings = ""  # the panel shows this run's outcome, not the previous run's settings
             else:
                 text = f"Concord: {msg}"
                 self.report({"ERROR"}, text)
                 state.last_report = text
+                state.last_settings = ""
         except ApplyError as exc:
             self.report({"ERROR"}, f"Concord: {exc}")
-            state.last_report = str(exc)
+            state.last_report = f"Concord: {exc}"
+            state.last_settings = ""
+        except Exception as exc:  # apply_texture removed what it made; the files stay on disk
+            text = f"Concord: applying the result failed ({type(exc).__name__}: {exc}); the files are in {job.out_dir}"
+            self.report({"ERROR"}, text)
+            state.last_report = text
+            state.last_settings = ""
         finally:
             if job is not None:
                 LAST_TIMINGS.clear()
@@ -298,12 +477,20 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         job = _ACTIVE
         if job is not None and job.session is not None:
             job.session.close()
+        if job is not None and job.worker is not None and not job.worker.finished:
+            job.worker.cancel()  # whatever ended the run, the job must not go on running on the server
         _ACTIVE = None
         if self._timer is not None:
             context.window_manager.event_timer_remove(self._timer)
             self._timer = None
         self._set_state(context, running=False, cancelling=False)
         _redraw(context)
+
+    def _refuse(self, context, text: str) -> None:
+        """A run that could not start: reported, and the panel's last line shows it (not an older outcome)."""
+        self.report({"ERROR"}, text)
+        context.window_manager.concord_job.last_report = text
+        context.window_manager.concord_job.last_settings = ""
 
     @staticmethod
     def _set_state(context, **values) -> None:

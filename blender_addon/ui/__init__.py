@@ -1,10 +1,11 @@
 """The "Concord" tab in the 3D Viewport's sidebar (N panel).
 
-Layout (top to bottom): prompt and negative prompt; seed, steps, guidance, depth strength; rig (Zero123++,
-orbit with views/elevation, scene cameras); view size and texture size; UV map of the active object (or a
+Layout (top to bottom): prompt and negative prompt; seed; "Model Defaults" (on: steps, guidance, view size and
+texture size are greyed out and come from the server's model, the panel says which model); steps, guidance, depth
+strength; rig (Zero123++, orbit with views/elevation, scene cameras); view size and texture size; UV map of the active object (or a
 one-click Smart UV Project button when it has none); material slot mode; a collapsible "Consistency"
 sub-panel; then either "Texture Selected" or, while a job runs, a progress bar (stage and step) with Cancel;
-finally a preview of the last job's view grid and the last report.
+finally a preview of the last job's view grid, the last report and the settings the last job used.
 
 Layer rule: a bpy layer; draws only. No network, no data changes in draw().
 """
@@ -20,6 +21,12 @@ def progress_text(state) -> str:
     if state.total > 0:
         return f"{stage.capitalize()} {state.step}/{state.total}"
     return stage.capitalize() + "..."
+
+
+def report_icon(text: str) -> str:
+    if text.startswith("Textured"):
+        return "CHECKMARK"
+    return "CANCEL" if "cancelled" in text or "interrupted" in text else "ERROR"
 
 
 def draw_progress(layout, state) -> None:
@@ -52,16 +59,26 @@ class CONCORD_PT_texture(bpy.types.Panel):
         col.prop(s, "negative_prompt", text="Negative")
         col.separator()
         col.prop(s, "seed")
-        col.prop(s, "steps")
-        col.prop(s, "guidance")
+        col.prop(s, "model_defaults")
+        if s.model_defaults:
+            col.label(
+                text=f"From model {s.model_defaults_from}" if s.model_defaults_from else "Filled in from the server's model",
+                icon="INFO",
+            )
+        sub = col.column()
+        sub.enabled = not s.model_defaults
+        sub.prop(s, "steps")
+        sub.prop(s, "guidance")
         col.prop(s, "conditioning_scale")
         col.separator()
         col.prop(s, "rig")
         if s.rig == "ORBIT":
             col.prop(s, "orbit_views")
             col.prop(s, "orbit_elevation")
-        col.prop(s, "view_resolution")
-        col.prop(s, "texture_size")
+        sub = col.column()
+        sub.enabled = not s.model_defaults
+        sub.prop(s, "view_resolution")
+        sub.prop(s, "texture_size")
 
         ob = context.active_object
         if ob is not None and ob.type == "MESH":
@@ -91,8 +108,12 @@ class CONCORD_PT_texture(bpy.types.Panel):
             box = layout.box()
             box.label(text=image.name, icon="IMAGE_DATA")
             box.template_icon(icon_value=layout.icon(image), scale=8.0)
-        if state.last_report:
-            layout.label(text=state.last_report)
+        if state.last_report:  # the latest outcome (success, cancel or error), one clause per line
+            col = layout.column(align=True)
+            for i, part in enumerate(state.last_report.split("; ")):
+                col.label(text=part, icon=report_icon(state.last_report) if i == 0 else "BLANK1")
+        if state.last_settings and not running:
+            layout.label(text=f"Used: {state.last_settings}")
 
 
 class CONCORD_PT_consistency(bpy.types.Panel):

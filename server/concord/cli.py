@@ -58,11 +58,12 @@ def cmd_serve(args) -> int:
     data_dir = Path(args.data_dir).expanduser()
     print(f"Concord {__version__}: loading model {args.model!r} (device {args.device})...", flush=True)
     try:
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, config=args.config)
     except ModelUnavailable as exc:
         return _fail("serve", str(exc))
     settings = ServerSettings(
         model=args.model,
+        model_config=args.config,
         device=args.device,
         data_dir=data_dir,
         token=token,
@@ -77,16 +78,19 @@ def cmd_serve(args) -> int:
         f"data in {data_dir})",
         flush=True,
     )
+    print(f"Jobs that set nothing run at the model's recommended settings: {model.settings.describe()}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
     return 0
 
 
 def cmd_models(args) -> int:
-    from concord.models.registry import PRESETS, offline_status
+    from concord.models.registry import PRESETS, offline_status, preset_recommended
 
     for p in PRESETS.values():
         ok, reason = offline_status(p.name)
         print(f"{p.name:12s} {'available' if ok else 'not on disk':12s} {p.description}")
+        if args.verbose:
+            print(f"{'':12s} recommended: {preset_recommended(p).describe()}")
         if reason and args.verbose:
             print(f"{'':12s} {reason}")
     return 0
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; others need --token)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name, diffusers folder or .safetensors file (default {DEFAULT_MODEL})")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a .safetensors --model: a diffusers folder of its family with the configuration files "
+                        "(and optionally controlnet/); default: the family's preset's, from the Hugging Face cache")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=str(Path.home() / ".concord"), help="where job folders and results live")
     p.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on every request")
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list model presets and whether each loads offline")
-    p.add_argument("-v", "--verbose", action="store_true", help="say how to get the missing ones")
+    p.add_argument("-v", "--verbose", action="store_true", help="each model's recommended settings, and how to get the missing ones")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("openapi", help="print (or write) the protocol's OpenAPI document")

@@ -80,7 +80,8 @@ def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, textu
                 "config": name,
                 "disagreement": float(np.mean(per_seed)),
                 "per_seed": [round(v, 5) for v in per_seed],
-                "coverage": float(np.mean(cover)),
+                # the share of UV-island texels the views see; None: these jobs get no triangles (metrics.json)
+                "coverage": None if None in cover else float(np.mean(cover)),
                 "seconds": round((time.perf_counter() - t0) / len(seeds), 3),
             }
         )

@@ -34,8 +34,10 @@ from pathlib import Path
 
 # What the demo asks of each embedded model. `micro` knows only its training words (colours, patterns, simple
 # shapes: docs/micro-model.md) and was trained on 64 px views; `tiny` has random weights.
+# micro runs at its recommended settings (the add-on's Model Defaults, what a user who sets nothing gets); tiny
+# (random weights) at explicit, larger settings so the demo's pictures show something.
 DEMO_SETTINGS = {
-    "micro": dict(prompt="a red and yellow checker sphere", view_size=128, steps=20, guidance=2.0, texture_size="512"),
+    "micro": dict(prompt="a red and yellow checker sphere"),
     "tiny": dict(prompt="a bronze statue of a monkey head, weathered green patina", view_size=256, steps=10,
                  guidance=7.5, texture_size="1024"),
 }
@@ -281,10 +283,12 @@ def main(out_dir: Path, model: str = "micro") -> int:
         settings.prompt = demo["prompt"]
         settings.negative_prompt = "" if model == "micro" else "blurry, low quality"
         settings.seed = 1
-        settings.steps = demo["steps"]
-        settings.guidance = demo["guidance"]
-        settings.view_resolution = demo["view_size"]
-        settings.texture_size = demo["texture_size"]
+        settings.model_defaults = "steps" not in demo
+        if not settings.model_defaults:
+            settings.steps = demo["steps"]
+            settings.guidance = demo["guidance"]
+            settings.view_resolution = demo["view_size"]
+            settings.texture_size = demo["texture_size"]
         settings.rig = "ZERO123PP"
 
         _say(f"starting `concord serve --model {model}`...")

@@ -10,7 +10,14 @@ into a temp folder that is moved into ``--out`` only when the job succeeded) or 
 - ``textured.glb``    the mesh with its UVs and the generated base-colour texture
 - ``texture.png``, ``coverage.png``, ``grid.png``, ``views/view_XX.png``, ``transforms.json`` (the rig, in the
   mesh file's coordinates: edit views and re-bake with ``concord bake MESH --transforms DIR/transforms.json``),
-  ``metrics.json`` (coverage, cross-view disagreement, timings, options)
+  ``metrics.json`` (coverage, cross-view disagreement, timings, options, and under ``settings`` the view size,
+  steps, guidance and texture size used, each with its source: ``user`` or ``model``)
+
+Settings left unset (``--view-size``, ``--steps``, ``--guidance``, ``--texture-size``) are the model's recommended
+ones (`concord.models.recommended`): from the registry for ``--model`` in-process (nothing is loaded to read them),
+from the server's ``/v1/health`` with ``--server``. Steps, guidance and texture size are left out of the job's
+request, so the job itself fills them from the model it runs; the view size is needed before rendering, so the
+command picks it.
 
 What it must never do: print a traceback for a user's mistake (bad mesh, unknown rig, unreachable server, a model
 that cannot load): those are one ``concord texture: error: ...`` line and exit code 1; import bpy.
@@ -28,7 +35,9 @@ from pathlib import Path
 
 from concord.models.registry import DEFAULT_MODEL
 
-__all__ = ["add_arguments", "main_from_args", "main", "run_texture", "build_params", "TextureCommandError"]
+__all__ = [
+    "add_arguments", "main_from_args", "main", "run_texture", "build_params", "describe_settings", "TextureCommandError",
+]
 
 
 class TextureCommandError(ValueError):
@@ -41,7 +50,7 @@ def build_params(args: argparse.Namespace) -> dict:
         "prompt": args.prompt,
         "negative_prompt": args.negative or "",
         "seed": args.seed,
-        "steps": args.steps,
+        "steps": args.steps,  # None: the model's recommended (filled by the job)
         "guidance": args.guidance,
         "texture_size": args.texture_size,
         "consistency": {
@@ -121,17 +130,41 @@ def run_texture(args: argparse.Namespace, progress=None) -> dict:
 
     from concord.geometry.bake_command import write_textured_glb
 
-    if args.views_size % 8 or not 64 <= args.views_size <= 1024:
-        raise TextureCommandError(f"--views-size must be a multiple of 8 in 64..1024, got {args.views_size}")
+    if args.views_size is not None and (args.views_size % 8 or not 64 <= args.views_size <= 1024):
+        raise TextureCommandError(f"--view-size must be a multiple of 8 in 64..1024, got {args.views_size}")
     params = build_params(args)
-    mesh, views = _render(args.mesh, args.rig, args.views_size, args.unwrap)
-    arrays = views.to_npz_dict()
+    client = None
+    if args.server:
+        from blender_addon.core.client import ConcordClient
+
+        client = ConcordClient(args.server, token=args.token)
+        health = client.health()
+        model_name, recommended = health["model"], health["recommended"]
+    else:
+        from concord.models.registry import ModelUnavailable, offline_status, recommended_for
+
+        ok, reason = offline_status(args.model, args.config)
+        if not ok:  # before rendering: say so at once
+            raise ModelUnavailable(f"Model {args.model!r} cannot load: {reason}")
+        model_name, recommended = args.model, recommended_for(args.model).as_dict()
+    size = args.views_size if args.views_size is not None else int(recommended["view_size"])
+    view_size = {"value": size, "source": "user" if args.views_size is not None else "model"}
+    if size > recommended["max_view_size"]:
+        print(
+            f"concord texture: note: {size} px views are larger than model {model_name!r} is meant for (up to "
+            f"{recommended['max_view_size']} px; recommended {recommended['view_size']} px): this will be slow",
+            file=sys.stderr,
+        )
+    mesh, views = _render(args.mesh, args.rig, size, args.unwrap)
+    from concord.geometry.metrics import surface_arrays
+
+    arrays = {**views.to_npz_dict(), **surface_arrays(mesh)}  # the triangles: coverage over the UV islands
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or _ProgressLine()
     try:
-        if args.server:
-            _run_remote(args, params, arrays, out, progress)
+        if client is not None:
+            _run_remote(client, params, arrays, out, progress)
         else:
             _run_local(args, params, arrays, out, progress)
     finally:
@@ -144,6 +177,8 @@ def run_texture(args: argparse.Namespace, progress=None) -> dict:
     texture = np.asarray(Image.open(out / "texture.png").convert("RGB"), dtype=np.float32) / 255.0
     write_textured_glb(mesh, texture, out / "textured.glb")
     metrics = json.loads((out / "metrics.json").read_text())
+    metrics.setdefault("settings", {})["view_size"] = view_size  # only the client knows where the size came from
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     names = ("textured.glb", "texture.png", "grid.png", "views", "transforms.json", "metrics.json")
     return {"paths": {n: str(out / n) for n in names}, "metrics": metrics}
 
@@ -169,18 +204,14 @@ def _run_local(args, params: dict, arrays: dict, out: Path, progress) -> None:
     arrays = validate_arrays(arrays, texture.ARRAYS)
     texture.check_inputs(p, arrays)
     progress("loading model", 0, 0, "")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, config=args.config)
     with tempfile.TemporaryDirectory(prefix="concord-texture-", dir=out) as tmp:
         ctx = JobContext(Path(tmp), progress, threading.Event())
         texture.run(model, p, arrays, ctx)
         _move_into(Path(tmp), out)
 
 
-def _run_remote(args, params: dict, arrays: dict, out: Path, progress) -> None:
-    from blender_addon.core.client import ConcordClient
-
-    client = ConcordClient(args.server, token=args.token)
-    client.health()
+def _run_remote(client, params: dict, arrays: dict, out: Path, progress) -> None:
     job_id = client.submit("texture", params, arrays)
     client.wait(job_id, on_progress=lambda pr: progress(pr.stage, pr.step, pr.total, pr.message), poll=0.2)
     with tempfile.TemporaryDirectory(prefix="concord-texture-", dir=out) as tmp:
@@ -195,15 +226,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--rig", default="zero123pp", help="camera rig: zero123pp (six views) or orbit:N")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model preset, diffusers folder or .safetensors (in-process; default {DEFAULT_MODEL})")
+    parser.add_argument("--config", default=None, metavar="DIR",
+                        help="for a .safetensors --model: a diffusers folder of its family with the configuration files (in-process)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (in-process)")
     parser.add_argument("--server", default=None, help="run on a Concord server at this URL instead of in-process")
     parser.add_argument("--token", default=None, help="the server's token, if it needs one")
     parser.add_argument("--out", default="out/texture", help="output folder (created)")
-    parser.add_argument("--views-size", type=int, default=512, help="view width = height in pixels (default 512)")
-    parser.add_argument("--texture-size", type=int, default=1024, help="texture width = height (default 1024)")
-    parser.add_argument("--steps", type=int, default=30)
+    model_default = " (default: the model's recommended; `concord models -v` lists them)"
+    parser.add_argument("--view-size", "--views-size", dest="views_size", type=int, default=None,
+                        help="view width = height in pixels" + model_default)
+    parser.add_argument("--texture-size", type=int, default=None, help="texture width = height" + model_default)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps" + model_default)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<=1: off)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, <=1: off" + model_default)
     parser.add_argument("--grid", action="store_true", help="tile the views into one image (Zero123++ grid)")
     parser.add_argument("--no-shared-attention", action="store_true", help="views do not attend to each other")
     parser.add_argument("--no-uv-sync", action="store_true", help="do not average the views in UV space")
@@ -240,12 +276,34 @@ def main_from_args(args: argparse.Namespace) -> int:
     d = m["cross_view_disagreement"]["mean_abs_difference"]
     print(
         f"textured {Path(args.mesh).name}: {m['views']} views of {m['view_size'][0]}x{m['view_size'][1]} into "
-        f"{m['texture_size']}x{m['texture_size']}, coverage {100 * m['coverage']:.1f}%, cross-view disagreement "
+        f"{m['texture_size']}x{m['texture_size']}, {_coverage_text(m)}, cross-view disagreement "
         f"{d if d is None else round(d, 4)} ({time.perf_counter() - t0:.1f} s)"
     )
+    print(f"  settings         {describe_settings(m)}")
     for name, path in res["paths"].items():
         print(f"  {name:16s} {path}")
     return 0
+
+
+def _coverage_text(m: dict) -> str:
+    """`coverage 97.3% of the UV islands` (the share of island texels some view sees), or why it is unknown."""
+    cov = m.get("coverage")
+    if cov is None:
+        return "coverage unknown (the job got no triangles)"
+    return f"coverage {100 * cov:.1f}% of the UV islands"
+
+
+def describe_settings(metrics: dict) -> str:
+    """`view size 128 (model's), steps 20 (model's), guidance 2 (model's), texture 512 (set)` from metrics.json."""
+    labels = (("view_size", "view size"), ("steps", "steps"), ("guidance", "guidance"), ("texture_size", "texture"))
+    settings = metrics.get("settings") or {}
+    parts = []
+    for key, label in labels:
+        s = settings.get(key)
+        if s:
+            origin = f"model {metrics.get('model')}'s" if s["source"] == "model" else "set"
+            parts.append(f"{label} {s['value']:g} ({origin})")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

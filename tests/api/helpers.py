@@ -9,6 +9,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from blender_addon.core.client import encode_arrays
+from tests.harness import HANG_GUARD_S
 
 
 def sphere_depth(size: int = 64, distance: float = 3.0, radius: float = 0.8) -> np.ndarray:
@@ -28,7 +29,8 @@ def job_files(kind: str = "depth_image", params: dict | None = None, arrays: dic
     return files
 
 
-def wait_for(client: TestClient, job_id: str, timeout: float = 60.0, states=("done", "failed", "cancelled")) -> dict:
+def wait_for(client: TestClient, job_id: str, timeout: float = HANG_GUARD_S, states=("done", "failed", "cancelled")) -> dict:
+    """Poll the job's state until it is one of `states`. The timeout only guards against a hang."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         st = client.get(f"/v1/jobs/{job_id}").json()

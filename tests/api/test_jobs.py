@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 import zipfile
 
 import numpy as np
 from PIL import Image
 
 from tests.api.helpers import job_files, sphere_depth, wait_for
+from tests.harness import StepGate
 
 
 def test_health_reports_model_device_and_queue(client):
     h = client.get("/v1/health").json()
-    assert h["protocol_version"] == 1
+    assert h["protocol_version"] == 2
     assert h["model"] == "tiny" and h["device"] == "cpu" and h["dtype"] == "float32"
     assert h["queue_length"] == 0 and h["busy"] is False
     assert "depth_image" in h["job_kinds"]
@@ -68,66 +68,51 @@ def test_same_seed_same_image_and_depth_changes_it(client):
     assert np.abs(a - d).mean() > 0.5
 
 
-def test_result_before_done_is_409_and_unknown_job_404(client):
-    r = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 60}))
-    jid = r.json()["id"]
-    early = client.get(f"/v1/jobs/{jid}/result")
-    assert early.status_code in (409, 200)
-    if early.status_code == 409:
-        assert early.json()["field"] == "id" and "hint" in early.json()
-    client.post(f"/v1/jobs/{jid}/cancel")
-    wait_for(client, jid)
+def test_result_before_done_is_409_and_unknown_job_404(client, tiny_model):
+    with StepGate(tiny_model.pipe.unet) as gate:
+        jid = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 2})).json()["id"]
+        gate.wait_reached()  # the job is running and cannot finish until released
+        early = client.get(f"/v1/jobs/{jid}/result")
+        assert early.status_code == 409
+        assert early.json()["field"] == "id" and early.json()["hint"]
+        assert client.get(f"/v1/jobs/{jid}/result/image.png").status_code == 409
+        client.post(f"/v1/jobs/{jid}/cancel")
+    assert wait_for(client, jid)["state"] == "cancelled"
     for path in ("/v1/jobs/" + "0" * 32, "/v1/jobs/not-an-id", "/v1/jobs/../../etc/result"):
         r = client.get(path)
         assert r.status_code == 404, path
         assert set(r.json()) == {"error", "field", "hint"}
 
 
-def _count_unet_calls(model):
-    """Wrap the UNet's forward to count denoiser evaluations (one per sampler step)."""
-    calls = []
-    original = model.pipe.unet.forward
-
-    def counted(*a, **k):
-        calls.append(time.monotonic())
-        return original(*a, **k)
-
-    model.pipe.unet.forward = counted
-    return calls, lambda: setattr(model.pipe.unet, "forward", original)
-
-
 def test_cancel_running_job_stops_within_one_step(client, tiny_model):
-    calls, restore = _count_unet_calls(tiny_model)
-    try:
-        jid = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 150})).json()["id"]
-        st = wait_for(client, jid, states=("running",))
-        while client.get(f"/v1/jobs/{jid}").json()["step"] < 3:
-            time.sleep(0.005)
-        calls_at_cancel = len(calls)
+    # The gate holds the 3rd denoiser call: cancel arrives while exactly that step is in flight.
+    with StepGate(tiny_model.pipe.unet, at_call=3) as gate:
+        jid = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 50})).json()["id"]
+        gate.wait_reached()
         st = client.post(f"/v1/jobs/{jid}/cancel").json()
-        assert st["state"] in ("running", "cancelled")
+        assert st["state"] == "running" and st["message"] == "cancelling"
+        gate.release()
         st = wait_for(client, jid)
-        assert st["state"] == "cancelled"
-        # one step may be in flight when cancel arrives; no step starts after the one that saw it
-        assert len(calls) <= calls_at_cancel + 1, (len(calls), calls_at_cancel)
-        assert st["files"] == []
-        assert client.get(f"/v1/jobs/{jid}/result").status_code == 409
-    finally:
-        restore()
-
-
-def test_cancel_queued_job_and_queue_full_429(make_client):
-    client = make_client(max_queue=1)
-    first = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 200})).json()["id"]
-    wait_for(client, first, states=("running",))
-    second = client.post("/v1/jobs", files=job_files()).json()["id"]
-    third = client.post("/v1/jobs", files=job_files())
-    assert third.status_code == 429
-    assert third.headers.get("retry-after") and third.json()["hint"]
-    assert client.get("/v1/health").json()["queue_length"] == 1
-    st = client.post(f"/v1/jobs/{second}/cancel").json()
+        # the step in flight finishes; no step starts after the one that saw the cancel
+        assert gate.calls == 3, gate.calls
     assert st["state"] == "cancelled"
-    client.post(f"/v1/jobs/{first}/cancel")
+    assert st["files"] == []
+    assert client.get(f"/v1/jobs/{jid}/result").status_code == 409
+
+
+def test_cancel_queued_job_and_queue_full_429(make_client, tiny_model):
+    client = make_client(max_queue=1)
+    with StepGate(tiny_model.pipe.unet) as gate:
+        first = client.post("/v1/jobs", files=job_files(params={"prompt": "x", "steps": 2})).json()["id"]
+        gate.wait_reached()  # the first job runs (and holds the worker) until released
+        second = client.post("/v1/jobs", files=job_files()).json()["id"]
+        third = client.post("/v1/jobs", files=job_files())
+        assert third.status_code == 429
+        assert third.headers.get("retry-after") and third.json()["hint"]
+        assert client.get("/v1/health").json()["queue_length"] == 1
+        st = client.post(f"/v1/jobs/{second}/cancel").json()
+        assert st["state"] == "cancelled"
+        client.post(f"/v1/jobs/{first}/cancel")
     assert wait_for(client, first)["state"] == "cancelled"
     # the worker skips the cancelled queued job and takes new work
     again = client.post("/v1/jobs", files=job_files()).json()["id"]

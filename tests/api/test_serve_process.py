@@ -23,7 +23,7 @@ def server(tmp_path_factory):
 def test_job_round_trip_through_a_real_server(server, tmp_path):
     client = ConcordClient(server.url, token="t0k")
     health = client.health()
-    assert health["model"] == "tiny" and health["protocol_version"] == 1
+    assert health["model"] == "tiny" and health["protocol_version"] == 2
     seen = []
     job_id = client.submit("depth_image", {"prompt": "a blue ball", "steps": 4, "seed": 1}, {"depth": sphere_depth(64)})
     final = client.wait(job_id, on_progress=seen.append, poll=0.02)

@@ -133,7 +133,7 @@ def test_bake_blender_renders(bpy_module, cycles_passes, tmp_path):
 
     res = run_bake(BARREL, tmp_path / "transforms.json", tmp_path / "out", texture_size=TEXTURE)
     tex = np.asarray(Image.open(res["paths"]["texture"]), dtype=np.float32) / 255.0
-    cov = np.asarray(Image.open(res["paths"]["coverage"])) > 0
+    cov = res["masks"]["baked"]  # texels view pixels were baked into
     truth = np.asarray(mesh.texture.convert("RGB").resize((TEXTURE, TEXTURE), Image.BOX), np.float32) / 255.0
     value = psnr(tex, truth, cov)
     assert value >= 29.0, f"bake of Blender renders: {value:.2f} dB"
@@ -150,5 +150,5 @@ def test_bake_blender_renders(bpy_module, cycles_passes, tmp_path):
     except ValueError:
         return  # no camera sees the mesh: also a detected failure
     btex = np.asarray(Image.open(bad["paths"]["texture"]), dtype=np.float32) / 255.0
-    bcov = np.asarray(Image.open(bad["paths"]["coverage"])) > 0
+    bcov = bad["masks"]["baked"]
     assert psnr(btex, truth, bcov) < 20.0

@@ -234,7 +234,11 @@ def test_push_pull_fills_from_nearby_data():
     out = B.fill_push_pull(tex.copy(), filled)
     assert np.array_equal(out[filled], tex[filled])
     assert np.all(out[~filled].sum(axis=-1) > 0.99)  # no black: every hole got a mean of real colours
-    assert out[13, 13, 2] == 1.0 and out[2, 12, 0] == 1.0 or out[2, 12, 0] > 0.5
+    # a hole takes the mean of the smallest aligned block around it that holds data (Gortler et al. 1996, 3.2):
+    np.testing.assert_allclose(out[13, 13], (0.0, 0.0, 1.0), atol=1e-6)  # 2x2 block (12..13)^2: the blue texel
+    np.testing.assert_allclose(out[9, 9], (0.0, 0.0, 1.0), atol=1e-6)  # 8x8 block (8..15)^2: blue alone
+    for hole in ((2, 12), (15, 0)):  # no data short of the whole texture: 64 red texels and 1 blue
+        np.testing.assert_allclose(out[hole], (64 / 65, 0.0, 1 / 65), atol=1e-6)
     # Odd sizes work too.
     odd = B.fill_push_pull(np.pad(tex, ((0, 3), (0, 1), (0, 0))), np.pad(filled, ((0, 3), (0, 1))))
     assert odd.shape == (19, 17, 3) and np.all(odd.sum(axis=-1) > 0.99)

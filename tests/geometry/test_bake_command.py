@@ -45,9 +45,9 @@ def test_run_bake_end_to_end(photos, tmp_path):
     paths = {k: Path(v) for k, v in res["paths"].items()}
     assert all(p.is_file() for p in paths.values())
     tex = np.asarray(Image.open(paths["texture"]), dtype=np.float32) / 255.0
-    cov = np.asarray(Image.open(paths["coverage"])) > 0
+    cov = res["masks"]["baked"]
     assert tex.shape == (512, 512, 3) and cov.shape == (512, 512)
-    # Compare with the fixture's own 2048^2 texture, box-filtered to 512^2, on covered texels.
+    # Compare with the fixture's own 2048^2 texture, box-filtered to 512^2, on the texels view pixels were baked into.
     truth = np.asarray(mesh.texture.convert("RGB").resize((512, 512), Image.BOX), dtype=np.float32) / 255.0
     value = psnr(tex, truth, cov)
     # Measured 31.2 dB (six 256^2 renders point-sample the 2048^2 texture, aliasing its detail, which the
@@ -55,8 +55,13 @@ def test_run_bake_end_to_end(photos, tmp_path):
     assert value >= 29.0, value
     m = json.loads(paths["metrics"].read_text())
     assert m["view_count"] == 6 and m["texture_size"] == 512
-    assert 0.5 < m["coverage_of_uv_islands"] <= 1.0
-    assert m["coverage_of_uv_islands"] == pytest.approx(res["metrics"]["coverage_of_uv_islands"])
+    assert 0.5 < m["coverage"] <= 1.0
+    assert m["coverage"] == pytest.approx(res["metrics"]["coverage"])
+    # coverage is what coverage.png shows: seen texels over UV-island texels (white + grey).
+    png = np.asarray(Image.open(paths["coverage"]))
+    assert m["coverage"] == pytest.approx((png == 255).sum() / (png > 0).sum())
+    assert m["uv_island_fraction"] == pytest.approx((png > 0).mean())
+    assert 0.0 < m["texture_fill_fraction"] < m["uv_island_fraction"] + 0.05
     # Renders of one texture agree across views up to resampling (of a detailed 2048^2 texture): measured 0.0105.
     assert m["cross_view_disagreement"]["mean_abs_difference"] < 0.02
     assert {"render_views_s", "scatter_s", "fill_s"} <= set(m["timings_s"])
@@ -130,7 +135,7 @@ def test_unwrap_and_the_glb_reproduces_the_photos(tmp_path):
     res = run_bake(box, tmp_path / "transforms.json", tmp_path / "out", texture_size=256, unwrap=True)
     m = res["metrics"]
     assert m["settings"]["unwrap"] and any("xatlas" in w for w in m["warnings"])
-    assert m["coverage_of_uv_islands"] > 0.9  # eight views see all six faces
+    assert m["coverage"] > 0.97  # eight views see all six faces
     baked = load_mesh(res["paths"]["mesh"])
     again = render_views(baked, cams, 128, 128, texture=True)
     fg = vs.mask & again.mask

@@ -133,16 +133,23 @@ def test_parse_rig(spec, views, elevations):
         assert sorted(set(rig.elevations_deg)) == sorted(elevations)
 
 
+FORMS = "accepted: 'zero123pp', 'orbit:N', 'orbit:N@ELEV[,ELEV...]'"
+
+
+# Each message says what went wrong (match), quotes the culprit and, where the name itself is wrong, lists the
+# accepted forms (says).
 @pytest.mark.parametrize(
-    "spec, match",
-    [("", "empty"), ("zero123", "unknown rig"), ("orbit", "unknown rig"), ("orbit:", "whole number"),
-     ("orbit:x", "whole number"), ("orbit:0", "between 1 and 360"), ("orbit:4@a,b", "elevations must be numbers"),
-     ("orbit:4@90", "strictly between"), ("orbit:2.5", "whole number")],
+    "spec, match, says",
+    [("", "empty", (FORMS,)), ("zero123", "unknown rig", ("'zero123'", FORMS)), ("orbit", "unknown rig", ("'orbit'", FORMS)),
+     ("orbit:", "whole number", ("'orbit:'", FORMS)), ("orbit:x", "whole number", ("'orbit:x'", FORMS)),
+     ("orbit:0", "between 1 and 360", ("'orbit:0'",)), ("orbit:4@a,b", "elevations must be numbers", ("'orbit:4@a,b'",)),
+     ("orbit:4@90", "strictly between -90 and 90", ("elevation 90",)), ("orbit:2.5", "whole number", ("'orbit:2.5'", FORMS))],
 )
-def test_parse_rig_errors(spec, match):
+def test_parse_rig_errors(spec, match, says):
     with pytest.raises(RigError, match=match) as info:
         parse_rig(spec)
-    assert "accepted" in str(info.value) or match in str(info.value)
+    for text in says:
+        assert text in str(info.value), (text, str(info.value))
 
 
 def test_bad_frame_and_sphere():

@@ -208,8 +208,14 @@ def test_subset(good):
     np.testing.assert_array_equal(sub.world_to_camera[1], good.world_to_camera[0])
     np.testing.assert_array_equal(sub.image[1], good.image[0])
     sub.validate()
-    sub.depth[0, 0, 0] = 5  # a copy, not a view
-    assert good.depth[2, 0, 0] != 5 or good.mask[2, 0, 0]
+    # a copy, not a view: writing into every array of the subset leaves the original as it was
+    before = _copy(good)
+    for v in sub.__dict__.values():
+        if isinstance(v, np.ndarray):
+            v[...] = ~v if v.dtype == np.bool_ else v + 7
+    for k, v in good.__dict__.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, before.__dict__[k], err_msg=k)
     with pytest.raises(IndexError):
         good.subset([3])
 

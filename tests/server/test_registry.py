@@ -64,12 +64,13 @@ def test_folder_without_depth_conditioning_is_refused(tmp_path):
     assert not ok and "model_index.json" in reason
 
 
-def test_single_file_without_cached_configs_names_what_is_missing(tmp_path):
+def test_single_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    # Real single files without their configs or ControlNet: tests/server/test_checkpoints.py.
     ckpt = tmp_path / "dreamy.safetensors"
     ckpt.write_bytes(b"\0" * 16)
     with pytest.raises(ModelUnavailable) as e:
         load_model(str(ckpt), "cpu")
-    assert "dreamy.safetensors" in str(e.value) and "lllyasviel/control_v11f1p_sd15_depth" in str(e.value)
+    assert "dreamy.safetensors" in str(e.value) and "not a readable .safetensors file" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["sd15-depth", "sd2-depth", "sdxl-depth"])

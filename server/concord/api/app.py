@@ -1,9 +1,10 @@
 """The HTTP server: FastAPI routes over the job manager, the model loaded once in the app's lifespan.
 
 Routes (protocol in `schemas.py`, prose in docs/protocol.md):
-  GET  /v1/health                 server, model, device, queue
+  GET  /v1/health                 server, model, device, queue, and whether jobs can run (ok / degraded)
   GET  /v1/models                 presets and whether each loads offline now
-  POST /v1/jobs                   multipart: `request` (JSON) + `arrays` (.npz) -> 202 {id}; 429 queue full; 413 too big
+  POST /v1/jobs                   multipart: `request` (JSON) + `arrays` (.npz) -> 202 {id}; 429 queue full; 413 too big;
+                                  503 stopping, no job worker, or the data dir cannot store it
   GET  /v1/jobs                   recent jobs
   GET  /v1/jobs/{id}              state, stage, step/total, message, error
   GET  /v1/jobs/{id}/result       the result files as one .zip, once done
@@ -11,7 +12,9 @@ Routes (protocol in `schemas.py`, prose in docs/protocol.md):
   POST /v1/jobs/{id}/cancel       stop a queued or running job (a running sampler stops within one step)
 
 Every error answer is `ErrorBody` JSON (`{error, field, hint}`), whatever raised it. When a token is set every
-request needs `Authorization: Bearer <token>`.
+request needs `Authorization: Bearer <token>`. A 405 lists in `Allow` every method served at the path. The
+OpenAPI document (`_install_openapi`, `_errors`, `_links`, `_job_request_body`) lists exactly the statuses each
+route answers, with links from a created job to its routes; tests/api/test_openapi_conformance.py checks it.
 
 Never runs model code on the event loop: jobs run on the manager's worker thread.
 """
@@ -39,7 +42,7 @@ from concord.api import schemas
 from concord.api.arrays import ArrayError, decode_npz, validate_arrays
 from concord.api.schemas import ErrorBody, JobState
 from concord.jobs.context import JobInputError
-from concord.jobs.manager import Job, JobManager, JobNotFound, QueueFull
+from concord.jobs.manager import Job, JobManager, JobNotFound, NotAccepting, QueueFull, StorageError
 from concord.models.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ _REQUEST_ADAPTER = TypeAdapter(schemas.JobRequest)
 @dataclass
 class ServerSettings:
     model: str = DEFAULT_MODEL
+    model_config: str | None = None  # a single file's configuration folder (`load_model(config=)`)
     device: str = "auto"
     data_dir: Path = field(default_factory=lambda: Path.home() / ".concord")
     token: str | None = None
@@ -70,18 +74,42 @@ def _error_response(status: int, body: ErrorBody, headers=None) -> JSONResponse:
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
 
-_ERROR_RESPONSES = {
-    code: {"model": ErrorBody, "description": desc}
-    for code, desc in [
-        (400, "Malformed request (unreadable JSON or .npz)."),
-        (401, "Missing or wrong bearer token."),
-        (404, "No such job or file."),
-        (409, "The job is not done (no result yet)."),
-        (413, "The request is larger than the server accepts."),
-        (422, "Well-formed but invalid parameters or arrays."),
-        (429, "The job queue is full; retry later."),
-    ]
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request: unreadable multipart, JSON or .npz, or a bad Content-Length header.",
+    401: "Missing or wrong bearer token (only when the server was started with a token).",
+    404: "No such job, or no such file in its result.",
+    409: "The job is not done, so it has no result (yet, or ever: failed and cancelled jobs have none).",
+    413: "The request is larger than the server accepts (--max-upload-mb).",
+    415: "A job must be sent as multipart/form-data.",
+    422: "Well-formed but invalid: parameters, a missing or unexpected part, or arrays that break the job kind's "
+    "contract (names, dtypes, shapes, values: see the `arrays` part's description).",
+    429: "The job queue is full; retry after `Retry-After` seconds.",
+    503: "The server takes no jobs now: it is shutting down, its job worker stopped, or the job could not be stored "
+    "in its data dir (the error says which).",
 }
+# Every route can answer these: the token and the size limit are checked before routing.
+_COMMON_ERRORS = (400, 401, 413)
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI `responses` entries (ErrorBody) for exactly the error statuses a route answers."""
+    out = {}
+    for code in sorted({*_COMMON_ERRORS, *codes}):
+        entry = {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]}
+        if code == 429:
+            entry["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+        out[code] = entry
+    return out
+
+
+def _links(expr: str, *operations: str) -> dict:
+    """OpenAPI links from a response carrying a job id at `expr` to the job routes that take it."""
+    return {op[0].upper() + op[1:]: {"operationId": op, "parameters": {"job_id": expr}} for op in operations}
+
+
+_JOB_ROUTES = ("getJob", "cancelJob", "getJobResult", "getJobResultFile")
+
+
 
 
 def create_app(settings: ServerSettings, model=None) -> FastAPI:
@@ -102,7 +130,9 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from concord.models.registry import load_model
 
-        state["model"] = model if model is not None else await asyncio.to_thread(load_model, settings.model, settings.device)
+        state["model"] = model if model is not None else await asyncio.to_thread(
+            load_model, settings.model, settings.device, settings.model_config
+        )
         manager = JobManager(settings.data_dir, execute, max_queue=settings.max_queue, max_history=settings.max_history)
         manager.start()
         state["manager"] = manager
@@ -152,8 +182,22 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        hint = "see docs/protocol.md for the routes" if exc.status_code in (404, 405) else None
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; RFC 9110 wants every method served there.
+            allowed = ", ".join(_methods_served(app, request.scope))
+            body = ErrorBody(
+                error=f"{request.method} is not served at {request.url.path}",
+                hint=f"this path serves: {allowed}; see docs/protocol.md for the routes",
+            )
+            return _error_response(405, body, {"Allow": allowed})
+        hint = "see docs/protocol.md for the routes" if exc.status_code == 404 else None
         return _error_response(exc.status_code, ErrorBody(error=str(exc.detail), hint=hint), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # A bug, not the client's fault: still an ErrorBody (Starlette logs the traceback).
+        body = ErrorBody(error=f"internal server error ({type(exc).__name__})", hint="see the server log; please report it")
+        return _error_response(500, body)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -164,31 +208,37 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
     def manager() -> JobManager:
         return state["manager"]
 
-    def find(job_id: str) -> Job:
+    def find(job_id: str) -> schemas.JobStatus:
+        """A consistent snapshot of the job's status, or a 404."""
         try:
-            return manager().get(job_id)
+            return manager().status(job_id)
         except JobNotFound:
             raise ApiError(404, f"no job {job_id!r}", field="id", hint="list jobs with GET /v1/jobs") from None
 
-    @app.get("/v1/health", response_model=schemas.HealthResponse, tags=["server"])
+    @app.get("/v1/health", response_model=schemas.HealthResponse, tags=["server"], operation_id="getHealth", responses=_errors())
     def health() -> schemas.HealthResponse:
         m = state["model"]
+        problem = manager().worker_problem
         return schemas.HealthResponse(
             protocol_version=schemas.PROTOCOL_VERSION,
             server_version=__version__,
             model=m.name,
             model_kind=m.kind,
+            recommended=schemas.RecommendedSettings(**m.settings.as_dict()),
             device=m.device,
             dtype=m.dtype,
             queue_length=manager().queue_length,
             queue_capacity=manager().max_queue,
             busy=manager().busy,
             job_kinds=sorted(JOB_KINDS),
+            status="ok" if problem is None else "degraded",
+            worker_alive=problem is None,
+            problem=problem,
         )
 
-    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["server"])
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["server"], operation_id="listModels", responses=_errors())
     def models() -> schemas.ModelsResponse:
-        from concord.models.registry import PRESETS, offline_status
+        from concord.models.registry import PRESETS, offline_status, preset_recommended
 
         out = []
         for p in PRESETS.values():
@@ -202,6 +252,20 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
                     loaded=p.name == state["model"].name,
                     available_offline=ok,
                     reason=reason,
+                    recommended=schemas.RecommendedSettings(**preset_recommended(p).as_dict()),
+                )
+            )
+        m = state["model"]
+        if m.name not in PRESETS:  # a local folder or single file: listed too, with its kind's settings
+            out.append(
+                schemas.ModelInfo(
+                    name=m.name,
+                    description=f"local {m.kind} model",
+                    kind=m.kind,
+                    sources=list(m.sources),
+                    loaded=True,
+                    available_offline=True,
+                    recommended=schemas.RecommendedSettings(**m.settings.as_dict()),
                 )
             )
         return schemas.ModelsResponse(models=out)
@@ -211,25 +275,9 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
         status_code=202,
         response_model=schemas.JobCreated,
         tags=["jobs"],
-        responses=_ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["request"],
-                            "properties": {
-                                "request": {"$ref": "#/components/schemas/JobRequest"},
-                                "arrays": {"type": "string", "format": "binary", "description": "an .npz (numpy.savez)"},
-                            },
-                        },
-                        "encoding": {"request": {"contentType": "application/json"}},
-                    }
-                },
-            }
-        },
+        operation_id="createJob",
+        responses={202: {"links": _links("$response.body#/id", *_JOB_ROUTES)}, **_errors(415, 422, 429, 503)},
+        openapi_extra={"requestBody": _job_request_body()},
     )
     async def create_job(request: Request) -> schemas.JobCreated:
         body = await _read_body_limited(request, max_bytes, settings.max_upload_mb)
@@ -242,12 +290,16 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
                 hint="send a `request` part (JSON) and an `arrays` part (.npz); see docs/protocol.md",
             )
         try:
-            form = await request.form(max_files=2, max_fields=2, max_part_size=1024 * 1024)
+            # Room for a few unexpected parts, so that they are named in a 422 rather than lost in a parser limit.
+            form = await request.form(max_files=_MAX_PARTS, max_fields=_MAX_PARTS, max_part_size=1024 * 1024)
         except Exception as exc:  # multipart parser errors come in several types
             raise ApiError(400, f"unreadable multipart body ({exc})", hint="see docs/protocol.md for the format") from None
         unknown = sorted(set(form.keys()) - {"request", "arrays"})
         if unknown:
             raise ApiError(422, f"unexpected part {unknown[0]!r}", field=unknown[0], hint="send only `request` and `arrays`")
+        for name in ("request", "arrays"):
+            if len(form.getlist(name)) > 1:
+                raise ApiError(422, f"the `{name}` part is sent more than once", field=name, hint="send each part once")
         raw = form.get("request")
         if raw is None:
             raise ApiError(422, "missing the `request` part", field="request", hint='send {"kind": ..., "params": {...}} as JSON')
@@ -262,6 +314,14 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
 
         upload = form.get("arrays")
         if upload is None:
+            needed = [s.name for s in kind.arrays.specs if s.required]
+            if needed:
+                raise ApiError(
+                    422,
+                    f"missing the `arrays` part: a `{job_req.kind}` job needs arrays {', '.join(needed)}",
+                    field="arrays",
+                    hint="send them as one .npz file part named `arrays` (numpy.savez); see docs/protocol.md",
+                )
             arrays = {}
         elif isinstance(upload, str):
             raise ApiError(422, "the `arrays` part must be a file (.npz)", field="arrays", hint="send it as a file part")
@@ -282,22 +342,42 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
             raise ApiError(
                 429, f"the job queue is full: {exc}", hint="wait for a job to finish, then retry", headers={"Retry-After": "5"}
             ) from None
+        except (NotAccepting, StorageError) as exc:
+            raise ApiError(503, str(exc), hint=exc.hint) from None
         return schemas.JobCreated(id=job.id, kind=job.kind, state=job.state)
 
-    @app.get("/v1/jobs", response_model=schemas.JobList, tags=["jobs"])
+    @app.get(
+        "/v1/jobs",
+        response_model=schemas.JobList,
+        tags=["jobs"],
+        operation_id="listJobs",
+        responses=_errors(),
+    )
     def list_jobs() -> schemas.JobList:
-        return schemas.JobList(jobs=[j.status() for j in manager().list()])
+        return schemas.JobList(jobs=manager().statuses())
 
-    @app.get("/v1/jobs/{job_id}", response_model=schemas.JobStatus, tags=["jobs"], responses=_ERROR_RESPONSES)
+    @app.get(
+        "/v1/jobs/{job_id}",
+        response_model=schemas.JobStatus,
+        tags=["jobs"],
+        operation_id="getJob",
+        responses={200: {"links": _links("$response.body#/id", "cancelJob", "getJobResult", "getJobResultFile")}, **_errors(404)},
+    )
     def job_status(job_id: str) -> schemas.JobStatus:
-        return find(job_id).status()
+        return find(job_id)
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.JobStatus, tags=["jobs"], responses=_ERROR_RESPONSES)
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        response_model=schemas.JobStatus,
+        tags=["jobs"],
+        operation_id="cancelJob",
+        responses={200: {"links": _links("$response.body#/id", "getJob", "getJobResult")}, **_errors(404)},
+    )
     def cancel_job(job_id: str) -> schemas.JobStatus:
         find(job_id)
-        return manager().cancel(job_id).status()
+        return manager().cancel(job_id)
 
-    def done_job(job_id: str) -> Job:
+    def done_job(job_id: str) -> schemas.JobStatus:
         job = find(job_id)
         if job.state != JobState.done:
             hint = "poll GET /v1/jobs/{id} until state is done" if job.state in (JobState.queued, JobState.running) else None
@@ -307,7 +387,8 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
     @app.get(
         "/v1/jobs/{job_id}/result",
         tags=["jobs"],
-        responses={200: {"content": {"application/zip": {}}, "description": "Every result file, zipped."}, **_ERROR_RESPONSES},
+        operation_id="getJobResult",
+        responses={200: {"content": {"application/zip": {}}, "description": "Every result file, zipped."}, **_errors(404, 409)},
     )
     def job_result(job_id: str) -> Response:
         job = done_job(job_id)
@@ -325,7 +406,8 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
     @app.get(
         "/v1/jobs/{job_id}/result/{name:path}",
         tags=["jobs"],
-        responses={200: {"content": {"application/octet-stream": {}}, "description": "One result file."}, **_ERROR_RESPONSES},
+        operation_id="getJobResultFile",
+        responses={200: {"content": {"application/octet-stream": {}}, "description": "One result file."}, **_errors(404, 409)},
     )
     def job_result_file(job_id: str, name: str) -> FileResponse:
         job = done_job(job_id)
@@ -335,6 +417,78 @@ def create_app(settings: ServerSettings, model=None) -> FastAPI:
 
     _install_openapi(app)
     return app
+
+
+_MAX_PARTS = 16
+_ARRAYS_MEDIA_TYPE = "application/octet-stream"
+
+
+def _job_request_body() -> dict:
+    """The documented body of POST /v1/jobs, exactly as `create_job` parses it.
+
+    Two parts, nothing else (`additionalProperties: false`: an unexpected part is a 422, like an unknown JSON
+    field). `arrays` is required for the kinds whose array contract has a required array (all kinds today);
+    if kinds ever differ, the body becomes a `oneOf` per group of kinds. What JSON Schema cannot say about
+    the .npz (member names, dtypes, shapes, values) is in the part's description and answered with a 422.
+    """
+    from concord.pipelines.kinds import JOB_KINDS
+
+    def arrays_text(kinds) -> str:
+        lines = []
+        for name in kinds:
+            specs = JOB_KINDS[name].arrays.specs
+            members = ", ".join(
+                f"`{s.name}` {'|'.join(s.dtypes)} ({', '.join(map(str, s.shape))})" + ("" if s.required else " optional")
+                for s in specs
+            )
+            lines.append(f"`{name}`: {members}")
+        return (
+            "One .npz file (numpy.savez or savez_compressed; no pickles) holding the job kind's arrays by name. "
+            "Arrays must be finite; shape letters must agree across arrays; extra or missing arrays are refused. "
+            + "; ".join(lines)
+            + ". See docs/protocol.md."
+        )
+
+    def variant(kinds, arrays_required: bool) -> dict:
+        request = (
+            {"$ref": "#/components/schemas/JobRequest"}
+            if len(kinds) == len(JOB_KINDS)
+            else {"oneOf": [{"$ref": f"#/components/schemas/{_job_model_name(k)}"} for k in kinds]}
+        )
+        return {
+            "type": "object",
+            "properties": {
+                "request": request,
+                "arrays": {"type": "string", "format": "binary", "description": arrays_text(kinds)},
+            },
+            "required": ["request", "arrays"] if arrays_required else ["request"],
+            "additionalProperties": False,
+        }
+
+    groups: dict[bool, list[str]] = {}
+    for name, kind in sorted(JOB_KINDS.items()):
+        groups.setdefault(any(s.required for s in kind.arrays.specs), []).append(name)
+    variants = [variant(kinds, needs) for needs, kinds in sorted(groups.items(), reverse=True)]
+    schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": schema,
+                "encoding": {"request": {"contentType": "application/json"}, "arrays": {"contentType": _ARRAYS_MEDIA_TYPE}},
+            }
+        },
+    }
+
+
+def _job_model_name(kind: str) -> str:
+    """The component name of a kind's `*Job` model in the `JobRequest` union."""
+    from typing import get_args
+
+    for model in get_args(get_args(schemas.JobRequest)[0]) or (get_args(schemas.JobRequest)[0],):
+        if get_args(model.model_fields["kind"].annotation)[0] == kind:
+            return model.__name__
+    raise KeyError(kind)
 
 
 def _parse_job_request(payload):
@@ -399,6 +553,18 @@ def _free_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _methods_served(app: FastAPI, scope) -> list[str]:
+    """Every HTTP method some route serves at the scope's path (for the `Allow` header of a 405)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches({**scope, "type": "http"})[0] != Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 def _install_openapi(app: FastAPI) -> None:
     """Add the job request union to the OpenAPI components (the route parses multipart by hand)."""
     from fastapi.openapi.utils import get_openapi
@@ -412,6 +578,16 @@ def _install_openapi(app: FastAPI) -> None:
         comps = doc.setdefault("components", {}).setdefault("schemas", {})
         comps.update(extra.pop("$defs", {}))
         comps["JobRequest"] = extra
+        # FastAPI documents a 422 (HTTPValidationError) for every route with parameters; these routes parse nothing
+        # it could refuse (a job id is any string), so the only 422s are the ErrorBody ones declared per route.
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                resp = op.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in json.dumps(resp):
+                    del op["responses"]["422"]
+        if "HTTPValidationError" not in json.dumps(doc["paths"]):
+            comps.pop("HTTPValidationError", None)
+            comps.pop("ValidationError", None)
         app.openapi_schema = doc
         return doc
 

@@ -19,7 +19,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: sampler settings a job leaves out are the model's recommended ones
 
 
 class _Strict(BaseModel):
@@ -46,17 +46,38 @@ class ErrorBody(_Strict):
 # Server
 
 
+class RecommendedSettings(_Strict):
+    """What a model is best run at (mirrors `concord.models.recommended.RecommendedSettings`). Jobs that leave
+    `steps`, `guidance` or `texture_size` out get these; clients render views at `view_size` unless told otherwise."""
+
+    view_size: int = Field(description="Pixels per side of each view (the longest side of non-square views).")
+    steps: int = Field(description="Denoising steps.")
+    guidance: float = Field(description="Classifier-free guidance scale (<= 1: off).")
+    texture_size: int = Field(description="Texture width = height for a `texture` job.")
+    native_size: int = Field(description="The image size the model was trained at.")
+    max_view_size: int = Field(
+        description="The largest view size the model is meant for: larger views run, but slowly and off its training "
+        "distribution."
+    )
+
+
 class HealthResponse(_Strict):
     protocol_version: int = Field(description="Clients refuse a server whose protocol version they do not know.")
     server_version: str
     model: str = Field(description="Name of the loaded model (a preset name, folder or file).")
     model_kind: str = Field(description="How the model is conditioned: controlnet, depth2img, ...")
+    recommended: RecommendedSettings = Field(description="The loaded model's recommended settings.")
     device: str
     dtype: str
     queue_length: int = Field(description="Jobs waiting, not counting the running one.")
     queue_capacity: int
     busy: bool = Field(description="A job is running now.")
     job_kinds: list[str]
+    status: Literal["ok", "degraded"] = Field(
+        description="`ok` when jobs can run; `degraded` when they cannot (the job worker stopped): `problem` says why."
+    )
+    worker_alive: bool = Field(description="The job worker is running and takes jobs.")
+    problem: str | None = Field(default=None, description="Why the server is degraded, and what to do (null when ok).")
 
 
 class ModelInfo(_Strict):
@@ -67,6 +88,7 @@ class ModelInfo(_Strict):
     loaded: bool = Field(description="This is the model the server runs now.")
     available_offline: bool = Field(description="Every source is on this machine, so it loads without a network.")
     reason: str | None = Field(default=None, description="Why it is not available offline, and how to get it.")
+    recommended: RecommendedSettings = Field(description="What the model is best run at, and its limits.")
 
 
 class ModelsResponse(_Strict):
@@ -98,8 +120,10 @@ class DepthImageParams(_Strict):
     prompt: str = Field(max_length=2000)
     negative_prompt: str = Field(default="", max_length=2000)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    steps: int = Field(default=20, ge=1, le=200)
-    guidance: float = Field(default=7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; <=1 is off.")
+    steps: int | None = Field(default=None, ge=1, le=200, description="Denoising steps; omitted: the model's recommended.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; <=1 is off; omitted: the model's."
+    )
     conditioning_scale: float = Field(
         default=1.0, ge=0.0, le=4.0, description="Strength of the depth conditioning (ControlNet scale)."
     )
@@ -114,15 +138,21 @@ class ConsistencyOptions(_Strict):
     """How the views of a `texture` job are made to agree. Every switch combines with every other."""
 
     grid: bool = Field(default=False, description="Tile the views into one image (Zero123++-style grid stacking).")
-    grid_rows: int | None = Field(default=None, ge=1, le=8, description="Grid rows; default 3x2 for six views, else near square.")
-    grid_cols: int | None = Field(default=None, ge=1, le=8)
+    grid_rows: int | None = Field(
+        default=None, ge=1, le=8, description="Grid rows; default 3x2 for six views, else near square; rows x cols >= views."
+    )
+    grid_cols: int | None = Field(default=None, ge=1, le=8, description="Grid columns; rows x cols must hold every view.")
     shared_attention: Literal["off", "all", "reference"] = Field(
         default="all", description="Extended self-attention across views: off, every view, or the reference views."
     )
-    reference_views: list[int] = Field(default_factory=lambda: [0], max_length=16)
+    reference_views: list[int] = Field(
+        default_factory=lambda: [0],
+        max_length=16,
+        description="Indices of the reference views, each in 0..V-1 (V: views sent); at least one for 'reference'.",
+    )
     attention_chunk: int | None = Field(default=None, ge=1, description="Query chunk for shared attention (memory bound).")
     uv_sync: bool = Field(default=True, description="Average the views' clean-latent predictions in UV space each step.")
-    sync_start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync starts.")
+    sync_start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync starts (<= sync_end).")
     sync_end: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync stops.")
     uv_noise: bool = Field(default=True, description="Initial noise drawn on the surface, shared by the views that see it.")
     loss_guidance: bool = Field(default=False, description="SyncDiffusion-style gradient guidance (expensive).")
@@ -145,10 +175,14 @@ class TextureParams(_Strict):
     prompt: str = Field(max_length=2000)
     negative_prompt: str = Field(default="", max_length=2000)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    steps: int = Field(default=30, ge=1, le=200)
-    guidance: float = Field(default=7.5, ge=0.0, le=50.0)
+    steps: int | None = Field(default=None, ge=1, le=200, description="Denoising steps; omitted: the model's recommended.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; <=1 is off; omitted: the model's."
+    )
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=4.0)
-    texture_size: int = Field(default=1024, ge=64, le=8192)
+    texture_size: int | None = Field(
+        default=None, ge=64, le=8192, description="Texture width = height; omitted: the model's recommended."
+    )
     consistency: ConsistencyOptions = Field(default_factory=ConsistencyOptions)
     bake: BakeOptions = Field(default_factory=BakeOptions)
 

@@ -9,10 +9,12 @@ its UVs by xatlas'), render correspondence maps for every camera at the images' 
 measure (:mod:`concord.geometry.metrics`) and write into ``--out``:
 
 - ``texture.png``   the baked base colour, sRGB, row 0 = top (Blender UV convention)
-- ``coverage.png``  white where some view saw the texel, black where it was padded or filled
+- ``coverage.png``  white where some view sees the texel's surface point, grey on the UV islands where no view
+  does (the colour there is guessed by the fill), black outside the islands
 - ``textured.glb``  the mesh with its UVs and a PBR material whose baseColorTexture is ``texture.png``
   (glTF is Y-up: a Z-up source such as PLY/STL is rotated the way Blender's glTF exporter does)
-- ``metrics.json``  coverage, cross-view disagreement, texture size, view count, timings, warnings
+- ``metrics.json``  coverage (the share of UV-island texels the views see, :func:`concord.geometry.metrics.
+  surface_coverage`), cross-view disagreement, texture size, view count, timings, warnings
 
 The lead's CLI wires :func:`add_arguments` / :func:`main_from_args` into ``concord bake``.
 
@@ -32,7 +34,13 @@ import numpy as np
 
 from concord.geometry import bake as B
 from concord.geometry.mesh import Mesh, MeshError, load_mesh
-from concord.geometry.metrics import coverage_fraction, cross_view_disagreement, uv_island_mask
+from concord.geometry.metrics import (
+    coverage_image,
+    coverage_metrics,
+    cross_view_disagreement,
+    surface_arrays,
+    surface_coverage,
+)
 from concord.geometry.render import render_views
 from concord.geometry.transforms_json import TransformsError, read_transforms_json
 
@@ -92,9 +100,11 @@ def run_bake(
     """Bake the images of ``transforms_path`` onto the mesh; write the outputs into ``out_dir``.
 
     ``unwrap``: replace the mesh's UVs with xatlas' (needed when it has none, or when its UVs overlap, e.g.
-    every face of BoxTextured maps to the same square). Returns a dict with the output ``paths`` and the
-    ``metrics`` written to metrics.json. Raises MeshError, TransformsError or BakeCommandError (all
-    ValueError) for bad inputs, OSError when the output cannot be written.
+    every face of BoxTextured maps to the same square). Returns a dict with the output ``paths``, the
+    ``metrics`` written to metrics.json and the ``masks`` bool (S,S): ``baked`` (texels view pixels were
+    splatted into), ``seen`` and ``islands`` (:class:`concord.geometry.metrics.SurfaceCoverage`). Raises
+    MeshError, TransformsError or BakeCommandError (all ValueError) for bad inputs, OSError when the output
+    cannot be written.
     """
     timings: dict[str, float] = {}
     warnings_out: list[str] = []
@@ -139,9 +149,11 @@ def run_bake(
     timings["bake_s"] = sum(result.timings.values())
 
     t0 = time.perf_counter()
-    islands = uv_island_mask(mesh.uv, mesh.faces, texture_size)
     disagreement = cross_view_disagreement(index, images)
     timings["metrics_s"] = time.perf_counter() - t0
+    tris = surface_arrays(mesh)
+    surface = surface_coverage(views, tris["triangles"], tris["triangle_uv"], texture_size)
+    timings["coverage_s"] = surface.seconds
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +167,7 @@ def run_bake(
         "metrics": out / "metrics.json",
     }
     Image.fromarray(_to_uint8(result.texture)).save(paths["texture"])
-    Image.fromarray(result.coverage.astype(np.uint8) * 255).save(paths["coverage"])
+    Image.fromarray(coverage_image(result.coverage, surface)).save(paths["coverage"])
     write_textured_glb(mesh, result.texture, paths["mesh"])
     timings["write_s"] = time.perf_counter() - t0
 
@@ -163,8 +175,7 @@ def run_bake(
         "texture_size": int(texture_size),
         "view_count": int(views.num_views),
         "image_size": [int(width), int(height)],
-        "coverage_of_texture": coverage_fraction(result.coverage),
-        "coverage_of_uv_islands": coverage_fraction(result.coverage, islands),
+        **coverage_metrics(result.coverage, surface),
         "cross_view_disagreement": disagreement.as_dict(),
         "settings": {
             "cos_power": cos_power,
@@ -178,7 +189,8 @@ def run_bake(
         "warnings": warnings_out,
     }
     paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics}
+    masks = {"baked": result.coverage, "seen": surface.seen, "islands": surface.islands}
+    return {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics, "masks": masks}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -237,7 +249,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     d = m["cross_view_disagreement"]["mean_abs_difference"]
     print(
         f"baked {m['view_count']} views into {m['texture_size']}x{m['texture_size']}: "
-        f"coverage {100 * m['coverage_of_uv_islands']:.1f}% of the UV islands, "
+        f"coverage {100 * m['coverage']:.1f}% of the UV islands, "
         f"cross-view disagreement {d:.4f}"
     )
     for name, path in res["paths"].items():

@@ -64,6 +64,8 @@ __all__ = [
     "LatentSync",
     "downsample_viewset",
     "footprint_texture_size",
+    "latent_blocks",
+    "latent_foreground",
     "SEAM_UV_JUMP",
     "MIN_TEXTURE_SIZE",
     "MAX_TEXTURE_SIZE",
@@ -104,23 +106,48 @@ def footprint_texture_size(uv: np.ndarray, mask: np.ndarray) -> int:
     return int(np.clip(round(1.0 / side), MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE))
 
 
+def _block_factors(image_hw: tuple[int, int], latent_hw: tuple[int, int]) -> tuple[int, int]:
+    hh, ww = int(image_hw[0]), int(image_hw[1])
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    if h < 1 or w < 1 or hh % h or ww % w:
+        raise ValueError(
+            f"views of {hh}x{ww} are not whole multiples of latents of {h}x{w} "
+            "(each latent pixel must cover an f x f block of image pixels; pass a latent size that divides the view)"
+        )
+    return hh // h, ww // w
+
+
+def latent_blocks(a: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """(V, H, W, ...) -> (V, h, w, fy * fx, ...): the image pixels under each latent pixel (row-major in the
+    block). One latent pixel covers an fy x fx block, fy = H / h, fx = W / w (ValueError if they do not divide)."""
+    a = np.asarray(a)
+    v, hh, ww = a.shape[:3]
+    fy, fx = _block_factors((hh, ww), latent_hw)
+    h, w = hh // fy, ww // fx
+    rest = a.shape[3:]
+    b = a.reshape(v, h, fy, w, fx, *rest)
+    return np.moveaxis(b, 2, 3).reshape(v, h, w, fy * fx, *rest)
+
+
+def latent_foreground(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """Foreground latent pixels (V, h, w): a strict majority of the block's image pixels are foreground. The one
+    rule shared by :func:`downsample_viewset` (LatentSync) and ``concord.noise.uv_noise``."""
+    mblk = latent_blocks(np.asarray(mask, dtype=bool), latent_hw)
+    return mblk.sum(axis=-1) * 2 > mblk.shape[-1]
+
+
 def downsample_viewset(viewset: ViewSet, latent_hw: tuple[int, int]) -> ViewSet:
     """The ViewSet at latent resolution (h, w): see the module docstring for each field's rule."""
     mask = np.asarray(viewset.mask, dtype=bool)
     v, hh, ww = mask.shape
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    if h < 1 or w < 1 or hh % h or ww % w:
-        raise ValueError(f"views of {hh}x{ww} are not whole multiples of latents of {h}x{w}")
-    fy, fx = hh // h, ww // w
-    f2 = fy * fx
+    fy, fx = _block_factors((hh, ww), latent_hw)
+    h, w = hh // fy, ww // fx
 
     def blocks(a: np.ndarray) -> np.ndarray:  # (V, H, W, ...) -> (V, h, w, f2, ...)
-        rest = a.shape[3:]
-        b = a.reshape(v, h, fy, w, fx, *rest)
-        return np.moveaxis(b, 2, 3).reshape(v, h, w, f2, *rest)
+        return latent_blocks(a, (h, w))
 
     mblk = blocks(mask)
-    fg = mblk.sum(axis=-1) * 2 > f2
+    fg = latent_foreground(mask, (h, w))
     # Representative: the foreground pixel nearest the block centre (ties: row-major order).
     oy, ox = np.meshgrid(np.arange(fy) + 0.5 - fy / 2.0, np.arange(fx) + 0.5 - fx / 2.0, indexing="ij")
     order = np.argsort((oy**2 + ox**2).ravel(), kind="stable")

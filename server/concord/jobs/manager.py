@@ -2,23 +2,33 @@
 
 - `Job` is a record with a `JobState`; every state change is written to `<data_dir>/jobs/<id>/job.json`
   (atomically: a temp file then `os.replace`).
-- The queue is bounded: `submit` raises `QueueFull` (the API answers 429) instead of growing without limit.
+- The queue is bounded: `submit` raises `QueueFull` (the API answers 429) instead of growing without limit. The
+  capacity counts the jobs waiting in state `queued` and nothing else: a queued job that is cancelled leaves the
+  queue at once, so its slot is free for the next submit. `submit` while the manager stops, or after its worker
+  died, raises `NotAccepting` (the API answers 503) instead of queueing a job that would never run.
 - One worker thread runs jobs one at a time. A job writes into `result.partial/`; only after the pipeline
   returned and every file is closed is the folder renamed to `result/` and the state set to done. A job that
   fails or is cancelled never has a `result/` folder.
+- A fault outside the job's own code (creating its result folder, writing `job.json`, the final rename) fails
+  that job with an error naming the folder and the cause, and the worker goes on with the next job. If writing
+  the failed state to disk fails too, the in-memory state still says failed. Should the worker thread end
+  anyway (a `BaseException`, a bug), `worker_problem` says why, the jobs it would have run are failed, new
+  jobs are refused, and /v1/health reports `degraded`.
+- Every read of a job's status is a snapshot taken under the manager's lock, and progress updates
+  (stage, step, total, message) happen under the same lock: a reader never sees half of an update.
 - On start, jobs left queued or running by a previous process are marked failed ("interrupted"); finished jobs
   keep serving their results: nothing finished is ever lost.
 - The in-memory index is bounded (`max_history` finished jobs); older jobs are read back from disk on demand.
 
-No HTTP here and no model code: the API layer calls `submit/get/cancel`, the executor callable runs a job.
+No HTTP here and no model code: the API layer calls `submit/status/cancel`, the executor callable runs a job.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
@@ -34,10 +44,27 @@ log = logging.getLogger(__name__)
 
 RESULT_DIR = "result"
 PARTIAL_DIR = "result.partial"
+STORAGE_HINT = "check free disk space and the permissions of the data dir ({data_dir})"
 
 
 class QueueFull(RuntimeError):
     pass
+
+
+class NotAccepting(RuntimeError):
+    """The manager takes no new jobs: it is stopping, or its worker died. `hint` says what to do."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+class StorageError(OSError):
+    """A job could not be stored in the data dir; the message names the folder, `hint` says what to check."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
 
 
 class JobNotFound(KeyError):
@@ -63,6 +90,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def status(self) -> JobStatus:
+        """The record as the protocol sends it. Call it under the manager's lock (`JobManager.status` does)."""
         return JobStatus(
             id=self.id,
             kind=self.kind,
@@ -91,6 +119,16 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class _StepFailed(Exception):
+    """A step outside the job's own code failed; `what` says which, in words for the user."""
+
+    def __init__(self, what: str, cause: BaseException, hint: str | None = None):
+        super().__init__(what)
+        self.what = what
+        self.cause = cause
+        self.hint = hint
+
+
 class JobManager:
     def __init__(
         self,
@@ -107,12 +145,14 @@ class JobManager:
         self.max_history = max_history
         self._executor = executor
         self._on_error = on_error or _default_error
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # the worker waits here for a queued job or stop
+        self._queue: collections.deque[Job] = collections.deque()  # jobs in state queued, in arrival order
+        self._jobs: dict[str, Job] = {}
         self._running: Job | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._stopping = False
+        self._worker_problem: str | None = None
         self._recover()
 
     # ----------------------------------------------------------------------------------------------- state on disk
@@ -123,7 +163,8 @@ class JobManager:
         return self.job_dir(job_id) / RESULT_DIR
 
     def _persist(self, job: Job) -> None:
-        record = job.status().model_dump(mode="json")
+        with self._lock:
+            record = job.status().model_dump(mode="json")
         _write_json_atomic(self.job_dir(job.id) / "job.json", record)
 
     def _load_record(self, job_id: str) -> Job | None:
@@ -178,41 +219,52 @@ class JobManager:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel what runs, mark queued jobs failed (interrupted), and join the worker."""
-        self._stopping.set()
-        with self._lock:
+        """Refuse new jobs, cancel what runs, mark queued jobs failed (interrupted), and join the worker."""
+        with self._wake:
+            self._stopping = True
             if self._running is not None:
                 self._running.cancel_event.set()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job.state == JobState.queued:
-                self._finish(job, JobState.failed, error=ErrorBody(error="the server shut down before this job ran", hint="submit the job again"))
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+            waiting = list(self._queue)
+            self._queue.clear()
+            for job in waiting:
+                shut = ErrorBody(error="the server shut down before this job ran", hint="submit the job again")
+                self._finish(job, JobState.failed, error=shut)
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     # ----------------------------------------------------------------------------------------------- public API
     def submit(self, kind: str, params: Any, arrays: dict) -> Job:
-        with self._lock:
-            if self._queue.full():
+        """Queue a job. Raises `NotAccepting` (stopping, or no worker), `QueueFull`, or `StorageError`."""
+        with self._wake:
+            self._check_accepting()
+            if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} jobs are already waiting")
             job = Job(id=uuid.uuid4().hex, kind=kind, state=JobState.queued, created_at=time.time(), params=params, arrays=arrays)
-            self.job_dir(job.id).mkdir(parents=True)
-            (self.job_dir(job.id) / "request.json").write_text(
-                json.dumps({"kind": kind, "params": params.model_dump(mode="json")}, indent=2)
-            )
-            self._persist(job)
+            jdir = self.job_dir(job.id)
+            try:
+                jdir.mkdir(parents=True)
+                (jdir / "request.json").write_text(json.dumps({"kind": kind, "params": params.model_dump(mode="json")}, indent=2))
+                self._persist(job)
+            except Exception as exc:
+                shutil.rmtree(jdir, ignore_errors=True)
+                raise StorageError(
+                    f"could not store the job in {jdir}: {type(exc).__name__}: {exc}",
+                    STORAGE_HINT.format(data_dir=self.data_dir),
+                ) from exc
             self._jobs[job.id] = job
-            self._queue.put_nowait(job)
+            self._queue.append(job)
             self._trim_history()
+            self._wake.notify()
             return job
+
+    def _check_accepting(self) -> None:
+        if self._stopping:
+            raise NotAccepting("the server is shutting down and takes no new jobs", "submit the job again once the server is back")
+        problem = self.worker_problem
+        if problem is not None:
+            raise NotAccepting(f"the server cannot run jobs: {problem}", "restart `concord serve`; the server log has the details")
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -223,28 +275,60 @@ class JobManager:
             raise JobNotFound(job_id)
         return job
 
+    def status(self, job_id: str) -> JobStatus:
+        """A consistent snapshot of one job (raises `JobNotFound`)."""
+        job = self.get(job_id)
+        with self._lock:
+            return job.status()
+
+    def statuses(self) -> list[JobStatus]:
+        """Consistent snapshots of the jobs in memory, oldest first."""
+        with self._lock:
+            return [j.status() for j in sorted(self._jobs.values(), key=lambda j: j.created_at)]
+
     def list(self) -> list[Job]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.created_at)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job: a queued one leaves the queue at once (its slot is free), a running one is asked to stop.
+        Returns the job's status after the request."""
         job = self.get(job_id)
-        with self._lock:
+        with self._wake:
             if job.state == JobState.queued:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
                 self._finish(job, JobState.cancelled, message="cancelled before it started")
             elif job.state == JobState.running:
                 job.cancel_event.set()
                 job.message = "cancelling"
-        return job
+            return job.status()
 
     @property
     def queue_length(self) -> int:
         with self._lock:
-            return sum(1 for j in self._jobs.values() if j.state == JobState.queued)
+            return len(self._queue)
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        with self._lock:
+            return self._running is not None
+
+    @property
+    def worker_problem(self) -> str | None:
+        """None while the worker can run jobs; else why it cannot (it died, or was never started)."""
+        with self._lock:
+            if self._worker_problem is not None:
+                return self._worker_problem
+            if self._stopping:
+                return None
+            if self._thread is None:
+                return "the job worker is not running"
+            if not self._thread.is_alive():
+                return "the job worker stopped unexpectedly"
+            return None
 
     # ------------------------------------------------------------------------------------------------- worker
     def _trim_history(self) -> None:
@@ -254,45 +338,71 @@ class JobManager:
             for job in sorted(finished, key=lambda j: j.created_at)[:excess]:
                 del self._jobs[job.id]
 
-    def _finish(self, job: Job, state: JobState, message: str = "", error: ErrorBody | None = None) -> None:
+    def _finish(self, job: Job, state: JobState, message: str = "", error: ErrorBody | None = None) -> BaseException | None:
+        """Record the final state: on disk first (so whoever sees it in memory finds it on disk too), then in memory
+        even if the write failed (the state in memory stays truthful). Returns the write's exception (logged)."""
         with self._lock:
-            job.state = state
-            job.stage = state.value
-            job.finished_at = time.time()
-            job.message = message or job.message
-            job.error = error
+            final = {
+                "state": state,
+                "stage": state.value,
+                "finished_at": time.time(),
+                "message": message or job.message,
+                "error": error,
+            }
+            record = job.status().model_copy(update=final)
+        failed = None
+        try:
+            _write_json_atomic(self.job_dir(job.id) / "job.json", record.model_dump(mode="json"))
+        except Exception as exc:
+            log.error("could not write %s: %s: %s", self.job_dir(job.id) / "job.json", type(exc).__name__, exc)
+            failed = exc
+        with self._lock:
+            for name, value in final.items():
+                setattr(job, name, value)
             job.arrays = None
-            self._persist(job)
+        return failed
 
     def _progress(self, job: Job, stage: str, step: int, total: int, message: str) -> None:
-        job.stage, job.step, job.total = stage, step, total
-        if message:
-            job.message = message
+        with self._lock:
+            job.stage, job.step, job.total = stage, step, total
+            if message:
+                job.message = message
 
     def _work(self) -> None:
-        while not self._stopping.is_set():
-            job = self._queue.get()
-            if job is None:
-                break
-            with self._lock:
-                if job.state != JobState.queued:
-                    continue  # cancelled while waiting
-                job.state = JobState.running
-                job.stage = "starting"
-                job.started_at = time.time()
-                self._running = job
-                self._persist(job)
-            try:
-                self._run(job)
-            finally:
+        job: Job | None = None
+        try:
+            while True:
+                with self._wake:
+                    while not self._queue and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    job = self._queue.popleft()
+                    job.state = JobState.running
+                    job.stage = "starting"
+                    job.started_at = time.time()
+                    self._running = job
+                try:
+                    self._run(job)
+                except _StepFailed as exc:
+                    self._fail_step(job, exc)
+                except Exception as exc:  # a bug around the job (not in it): fail this job, keep the worker
+                    bug = _StepFailed("the server failed while handling this job", exc, "see the server log for details")
+                    self._fail_step(job, bug)
                 with self._lock:
                     self._running = None
+                job = None
+        except BaseException as exc:  # a bug or an interpreter-level exit: say so instead of dying silently
+            self._worker_died(exc, job)
 
     def _run(self, job: Job) -> None:
         jdir = self.job_dir(job.id)
         partial = jdir / PARTIAL_DIR
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
+        with _step(f"could not record the job's state in {jdir / 'job.json'}"):
+            self._persist(job)
+        with _step(f"could not create the job's result folder {partial}"):
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
         ctx = JobContext(partial, lambda *a: self._progress(job, *a), job.cancel_event)
         try:
             self._executor(job, ctx)
@@ -311,10 +421,61 @@ class JobManager:
             self._finish(job, JobState.failed, message="failed", error=self._on_error(exc))
             return
         # Results are complete and closed: make them visible atomically, then say done.
-        files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
-        os.replace(partial, jdir / RESULT_DIR)
-        job.files = files
-        self._finish(job, JobState.done, message=f"{len(files)} files")
+        result = jdir / RESULT_DIR
+        with _step(f"could not write the job's results to {result}"):
+            files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+            os.replace(partial, result)
+        # "done" goes to disk first: a job is never reported done unless a restart would report it done too.
+        now, message = time.time(), f"{len(files)} files"
+        with self._lock:
+            done = {"state": JobState.done, "stage": JobState.done.value, "files": files, "finished_at": now, "message": message}
+            record = job.status().model_copy(update=done)
+        with _step(f"could not record the finished job in {jdir / 'job.json'}"):
+            try:
+                _write_json_atomic(jdir / "job.json", record.model_dump(mode="json"))
+            except BaseException:
+                shutil.rmtree(result, ignore_errors=True)  # failed jobs have no result
+                raise
+        with self._lock:
+            job.files, job.state, job.stage, job.finished_at, job.message = files, JobState.done, JobState.done.value, now, message
+            job.arrays = None
+
+    def _fail_step(self, job: Job, exc: _StepFailed) -> None:
+        log.error("job %s: %s", job.id, exc.what, exc_info=exc.cause)
+        shutil.rmtree(self.job_dir(job.id) / PARTIAL_DIR, ignore_errors=True)
+        error = ErrorBody(
+            error=f"{exc.what}: {type(exc.cause).__name__}: {exc.cause}",
+            hint=exc.hint or STORAGE_HINT.format(data_dir=self.data_dir),
+        )
+        self._finish(job, JobState.failed, message="failed", error=error)
+
+    def _worker_died(self, exc: BaseException, current: Job | None) -> None:
+        log.critical("the job worker stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        reason = f"the job worker stopped ({type(exc).__name__}: {exc})"
+        with self._wake:
+            self._worker_problem = reason
+            lost = ([current] if current is not None else []) + list(self._queue)
+            self._queue.clear()
+            self._running = None
+            for job in lost:
+                if job.state not in FINISHED_STATES:
+                    hint = "restart `concord serve`, then submit the job again; the server log has the details"
+                    self._finish(job, JobState.failed, message="failed", error=ErrorBody(error=reason, hint=hint))
+
+
+class _step:
+    """`with _step("could not ..."):` turns any exception of the block into `_StepFailed` with that wording."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        if exc is not None and isinstance(exc, Exception) and not isinstance(exc, _StepFailed):
+            raise _StepFailed(self.what, exc) from exc
+        return False
 
 
 def _safe_id(job_id: str) -> bool:

@@ -4,12 +4,20 @@ Three ways to name a model:
   - a preset name (`micro` (the default), `tiny`, `sd15-depth`, `sd2-depth`, `sdxl-depth`): see `PRESETS`, hub ids
     in docs/models.md;
   - a local folder in diffusers format (`model_index.json`), e.g. one written by `save_pretrained`;
-  - a single-file checkpoint (`.safetensors`, the format most community models ship in), loaded as Stable
-    Diffusion 1.5 with the preset's depth ControlNet.
+  - a single-file checkpoint (`.safetensors`, the format most community models ship in): Stable Diffusion 1.x or
+    SDXL, told apart by its tensors (`single_file`), loaded with its family's preset's depth ControlNet and
+    configuration files (or those of a `config` folder).
+
+What is on disk is checked before anything loads (`on_disk`, `single_file`): an incomplete download, a folder or
+file of the wrong kind, a checkpoint of another family fail with a message naming the file and what to do.
 
 The server runs with the Hugging Face Hub offline: every source must already be on disk (the Hub cache or a
 folder). A model that cannot load raises `ModelUnavailable` naming the model and how to get it, and nothing is
 half-loaded: the server refuses to start rather than run without its model.
+
+Every model declares its recommended settings (`RecommendedSettings`: view size, steps, guidance, texture size, the
+size it was trained at, the largest view size it is meant for): presets their own, folders and single files their
+kind's (`KIND_RECOMMENDED`). Jobs that leave a setting out get the loaded model's (`concord.models.recommended`).
 
 Half precision on CUDA, fp32 on the CPU. Loading happens only when `load_model` is called (the app's lifespan or
 the CLI), never at import.
@@ -23,6 +31,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from concord.models.recommended import RecommendedSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,35 @@ class Preset:
     controlnet: str | None = None  # hub id of the depth ControlNet
     builtin: bool = False  # built in code, needs no files
     shipped: bool = False  # weights ship inside the package (concord/models/weights/<name>)
+    recommended: RecommendedSettings | None = None  # view size, steps, guidance, ... (None: the kind's, `KIND_RECOMMENDED`)
+
+
+# What each kind of model is run at when nothing more specific is known (folders, single files). Stable Diffusion
+# 1.5 and 2 were trained at 512 px and duplicate their subject well above it; 30 DDIM steps and guidance 7.5 are
+# their usual settings. SDXL: 1024 px, guidance 5 (diffusers' SDXL default). micro: docs/micro-model.md (trained at
+# 64 px; guidance 2 measured best, colour accuracy falls to 0.40 at 6; 20 steps; 128 px views keep six views'
+# joint attention cheap and give the texture twice the texels of 64 px views).
+KIND_RECOMMENDED: dict[str, RecommendedSettings] = {
+    "controlnet": RecommendedSettings(
+        view_size=512, steps=30, guidance=7.5, texture_size=1024, native_size=512, max_view_size=768
+    ),
+    "depth2img": RecommendedSettings(
+        view_size=512, steps=30, guidance=7.5, texture_size=1024, native_size=512, max_view_size=768
+    ),
+    "sdxl-controlnet": RecommendedSettings(
+        view_size=1024, steps=30, guidance=5.0, texture_size=2048, native_size=1024, max_view_size=1024
+    ),
+    "micro": RecommendedSettings(
+        view_size=128, steps=20, guidance=2.0, texture_size=512, native_size=64, max_view_size=256
+    ),
+}
+
+# `tiny` has random weights: its pictures are noise whatever the settings, so it recommends the cheapest settings
+# that still run every code path (guidance on, several steps), which keeps tests that use its defaults fast. Its
+# native size is its UNet's (32 latent px x the VAE's 8); no size is off its (non-existent) training distribution.
+TINY_RECOMMENDED = RecommendedSettings(
+    view_size=64, steps=4, guidance=3.0, texture_size=256, native_size=256, max_view_size=1024
+)
 
 
 PRESETS: dict[str, Preset] = {
@@ -51,6 +90,7 @@ PRESETS: dict[str, Preset] = {
             "pictures are noise. For tests and a first run.",
             "controlnet",
             builtin=True,
+            recommended=TINY_RECOMMENDED,
         ),
         Preset(
             "micro",
@@ -59,6 +99,7 @@ PRESETS: dict[str, Preset] = {
             "See docs/micro-model.md.",
             "micro",
             shipped=True,
+            recommended=KIND_RECOMMENDED["micro"],
         ),
         Preset(
             "sd15-depth",
@@ -66,12 +107,14 @@ PRESETS: dict[str, Preset] = {
             "controlnet",
             base="stable-diffusion-v1-5/stable-diffusion-v1-5",
             controlnet="lllyasviel/control_v11f1p_sd15_depth",
+            recommended=KIND_RECOMMENDED["controlnet"],
         ),
         Preset(
             "sd2-depth",
             "Stable Diffusion 2 depth: depth enters as an extra UNet input channel (512x512 views).",
             "depth2img",
             base="stabilityai/stable-diffusion-2-depth",
+            recommended=KIND_RECOMMENDED["depth2img"],
         ),
         Preset(
             "sdxl-depth",
@@ -79,6 +122,7 @@ PRESETS: dict[str, Preset] = {
             "sdxl-controlnet",
             base="stabilityai/stable-diffusion-xl-base-1.0",
             controlnet="diffusers/controlnet-depth-sdxl-1.0",
+            recommended=KIND_RECOMMENDED["sdxl-controlnet"],
         ),
     ]
 }
@@ -96,6 +140,51 @@ class LoadedModel:
     device: str
     dtype: str
     sources: list[str] = field(default_factory=list)
+    recommended: RecommendedSettings | None = None  # None: the kind's (see `recommended_for`)
+
+    @property
+    def settings(self) -> RecommendedSettings:
+        """The settings jobs use where a request sets none."""
+        return self.recommended or KIND_RECOMMENDED.get(self.kind, KIND_RECOMMENDED["controlnet"])
+
+
+def model_settings(model, kind: str | None = None) -> RecommendedSettings:
+    """The recommended settings of a loaded model (`LoadedModel.settings`), or of its kind for anything else that
+    names a model (benchmarks and tests that hand a pipeline their own parts)."""
+    settings = getattr(model, "settings", None)
+    if isinstance(settings, RecommendedSettings):
+        return settings
+    kind = kind or getattr(model, "kind", None)
+    return KIND_RECOMMENDED.get(kind, KIND_RECOMMENDED["controlnet"])
+
+
+def preset_recommended(preset: Preset) -> RecommendedSettings:
+    return preset.recommended or KIND_RECOMMENDED[preset.kind]
+
+
+def recommended_for(name: str, kind: str | None = None) -> RecommendedSettings:
+    """A model's recommended settings without loading it: a preset's own, else by kind (a folder's kind is read from
+    its model_index.json; a single file's from its tensors: SDXL or SD 1.5). Unknown names get Stable Diffusion 1.5's."""
+    if name in PRESETS:
+        return preset_recommended(PRESETS[name])
+    if kind is None:
+        path = Path(name)
+        kind = "controlnet"
+        if path.is_dir():
+            try:
+                class_name = json.loads((path / "model_index.json").read_text())["_class_name"]
+                kind = _FOLDER_KINDS.get(class_name, kind)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        elif path.is_file():
+            from concord.models import single_file
+
+            try:
+                if single_file.inspect(path).family == "sdxl":
+                    kind = "sdxl-controlnet"
+            except ModelUnavailable:
+                pass
+    return KIND_RECOMMENDED.get(kind, KIND_RECOMMENDED["controlnet"])
 
 
 def resolve_device(device: str) -> str:
@@ -145,8 +234,14 @@ def _download_hint(repo_ids: list[str]) -> str:
     )
 
 
-def offline_status(name: str) -> tuple[bool, str | None]:
-    """(available_offline, reason) for a preset, folder or file, without loading anything."""
+def offline_status(name: str, config: str | None = None) -> tuple[bool, str | None]:
+    """(available_offline, reason) for a preset, folder or file, without loading anything (a single file's tensor
+    names and shapes are read to tell its family; `config` is a single file's configuration folder)."""
+    if config is not None and not (Path(name).is_file() and name not in PRESETS):
+        return False, (
+            f"--config {config} applies to single-file checkpoints (.safetensors) only; {name!r} is not one. A preset "
+            f"or a diffusers folder carries its own configuration: drop --config."
+        )
     if name in PRESETS:
         preset = PRESETS[name]
         if preset.builtin:
@@ -163,25 +258,50 @@ def offline_status(name: str) -> tuple[bool, str | None]:
         missing = [r for r in needed if not _hub_cached(r)]
         if missing:
             return False, f"not in the local Hugging Face cache: {', '.join(missing)}. " + _download_hint(missing)
+        from concord.models import on_disk
+
+        for repo in needed:
+            incomplete = on_disk.incomplete_snapshot(repo)
+            if incomplete:
+                return False, incomplete
         return True, None
     path = Path(name)
     if path.is_dir():
+        from concord.models import on_disk
+
         if (path / "model_index.json").is_file():
-            return True, None
-        return False, f"{path} has no model_index.json: it is not a diffusers pipeline folder"
+            incomplete = on_disk.incomplete_folder(path)
+            return (False, incomplete) if incomplete else (True, None)
+        return False, on_disk.not_a_pipeline_folder(path, PRESETS)
     if path.is_file():
-        if path.suffix in (".safetensors", ".ckpt"):
+        if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            from concord.models import single_file
+
+            try:
+                single_file.plan(path, config)
+            except ModelUnavailable as exc:
+                return False, str(exc)
             return True, None
-        return False, f"{path} is not a .safetensors checkpoint"
+        return False, (
+            f"{path} is not a checkpoint file: Concord loads .safetensors (or .ckpt) files, diffusers folders and "
+            f"presets ({', '.join(PRESETS)})"
+        )
     return False, f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder or file"
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
-    """Load a preset, folder or single file onto `device`. Raises ModelUnavailable with a user-facing message."""
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", config: str | None = None) -> LoadedModel:
+    """Load a preset, folder or single file onto `device`. Raises ModelUnavailable with a user-facing message.
+
+    `config`: for a single file, a diffusers folder (or cached hub id) of the same family whose configuration and
+    tokenizer files it loads with (else its family's preset's, from the Hugging Face cache); a `controlnet/`
+    folder inside it, if any, is the depth ControlNet used (else the preset's).
+    """
     quiet_libraries()
     import torch
 
     device = resolve_device(device)
+    if config is not None and (name in PRESETS or not Path(name).is_file()):
+        raise ModelUnavailable(f"Model {name!r} cannot load: {offline_status(name, config)[1]}")
     dtype = _dtype_for(device)
     if name in PRESETS:
         preset = PRESETS[name]
@@ -210,16 +330,17 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
             sources = [r for r in (preset.base, preset.controlnet) if r]
         kind = preset.kind
     else:
-        ok, reason = offline_status(name)
+        ok, reason = offline_status(name, config)
         if not ok:
             raise ModelUnavailable(f"Model {name!r} cannot load: {reason}")
         path = Path(name)
-        pipe, kind = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, dtype)
+        pipe, kind = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, dtype, config)
         sources = [str(path.resolve())]
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return LoadedModel(
-        name=name, kind=kind, pipe=pipe, device=device, dtype=str(dtype).replace("torch.", ""), sources=sources
+        name=name, kind=kind, pipe=pipe, device=device, dtype=str(dtype).replace("torch.", ""), sources=sources,
+        recommended=recommended_for(name, kind),
     )
 
 
@@ -238,14 +359,22 @@ def _load_preset(preset: Preset, dtype):
     kw = dict(torch_dtype=dtype, local_files_only=True)
     try:
         if preset.kind == "depth2img":
-            return StableDiffusionDepth2ImgPipeline.from_pretrained(preset.base, **kw)
+            return StableDiffusionDepth2ImgPipeline.from_pretrained(preset.base, **_UNUSED_PARTS[preset.kind], **kw)
         controlnet = ControlNetModel.from_pretrained(preset.controlnet, **kw)
         cls = StableDiffusionXLControlNetPipeline if preset.kind == "sdxl-controlnet" else StableDiffusionControlNetPipeline
-        extra = {} if preset.kind == "sdxl-controlnet" else dict(safety_checker=None, requires_safety_checker=False)
-        return cls.from_pretrained(preset.base, controlnet=controlnet, **extra, **kw)
+        return cls.from_pretrained(preset.base, controlnet=controlnet, **_UNUSED_PARTS[preset.kind], **kw)
     except Exception as exc:  # a corrupt or partial cache: say so instead of a traceback
         raise _wrap_load_error(preset.name, exc) from exc
 
+
+# What each kind's pipeline is given as None: parts jobs never use (Concord's jobs bring their own depth map, and
+# run without a safety checker), so their weights need not be on disk nor in memory.
+_UNUSED_PARTS: dict[str, dict] = {
+    "controlnet": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+    "depth2img": dict(depth_estimator=None, feature_extractor=None),
+    "sdxl-controlnet": {},
+    "micro": {},
+}
 
 _FOLDER_KINDS = {
     "MicroPipeline": "micro",
@@ -274,38 +403,35 @@ def _load_folder(path: Path, dtype):
 
             pipe = load_micro(path, dtype=dtype)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **_UNUSED_PARTS[kind])
     except Exception as exc:
         raise _wrap_load_error(str(path), exc) from exc
     return pipe, kind
 
 
-def _load_single_file(path: Path, dtype):
-    """A community SD1.5 checkpoint in one file, paired with the sd15-depth preset's ControlNet."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def _load_single_file(path: Path, dtype, config: str | None = None):
+    """A checkpoint in one file (Stable Diffusion 1.x or SDXL, in the original layout most community models ship
+    in), paired with its family's depth ControlNet; configuration files from `config` or the preset's hub repo."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    preset = PRESETS["sd15-depth"]
-    missing = [r for r in (preset.base, preset.controlnet) if not _hub_cached(r)]
-    if missing:
-        raise ModelUnavailable(
-            f"Single-file checkpoint {path.name} needs the depth ControlNet and Stable Diffusion 1.5's configs "
-            f"(tokenizer, scheduler), which are not in the local Hugging Face cache: {', '.join(missing)}. "
-            + _download_hint(missing)
-        )
+    from concord.models import single_file
+
+    plan = single_file.plan(path, config)
+    kind = plan.preset.kind
+    cls = StableDiffusionXLControlNetPipeline if kind == "sdxl-controlnet" else StableDiffusionControlNetPipeline
     try:
-        controlnet = ControlNetModel.from_pretrained(preset.controlnet, torch_dtype=dtype, local_files_only=True)
-        pipe = StableDiffusionControlNetPipeline.from_single_file(
+        controlnet = ControlNetModel.from_pretrained(plan.controlnet, torch_dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(
             str(path),
             controlnet=controlnet,
-            config=preset.base,
+            config=plan.config,
             torch_dtype=dtype,
             local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **_UNUSED_PARTS[kind],
         )
     except Exception as exc:
         raise _wrap_load_error(str(path), exc) from exc
-    return pipe, "controlnet"
+    return pipe, kind
 
 
 def quiet_libraries() -> None:

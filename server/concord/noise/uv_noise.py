@@ -1,196 +1,154 @@
-"""Initial-noise models for joint generation: UV-space noise for the views of a mesh, and the classic
-per-frame models (iid, shared, mixed, progressive) with the corrected, unit-variance formulas.
+"""UV-space initial noise for the V views of a mesh: one surface point starts from correlated noise in every
+view that sees it, while the noise of each view stays white (iid N(0, 1) per latent pixel).
 
 What it is for
 --------------
-A diffusion sampler starts every view (or frame) from Gaussian noise eps_i ~ N(0, I); *how the eps_i are
-correlated* decides how alike the results start. MATH.md section 1 lists the models; every function here keeps
-each view's noise marginally N(0, 1) per element (the sampler requires it; the tests check it).
+MATH.md section 1, last bullet. A diffusion sampler needs every latent pixel of every view to start from N(0, 1)
+noise, independent of its neighbours in the same view (correlated initial noise changes what the model draws:
+blur, blotches). Multi-view texturing also wants the views to start alike where they see the same surface.
+Drawing the noise on the surface (a noise texture) and reading it through each view's UV map gives the second;
+the partition below keeps the first.
 
-UV-space noise (MATH.md section 1, last bullet; the integral-noise idea of Chang et al., "How I Warped Your
-Noise", ICLR'24)::
+The partition (integral noise: Chang et al., "How I Warped Your Noise", ICLR'24; the unit-variance sum follows
+the renormalisation idea of Kass & Pesare, "Coherent noise for non-photorealistic rendering", ToG'11)::
 
-    Z ~ N(0, I)  on an S x S x C noise texture
-    eps_v(p) = sum_{t in T_v(p)} Z(t) / sqrt(|T_v(p)|)       for a foreground latent pixel p of view v
-    eps_v(p) ~ N(0, I) iid                                   for a background latent pixel
+    Z(t) ~ N(0, I_C) iid                   for the texels t of an S x S noise texture (S several texels per
+                                           latent-pixel footprint)
+    owner_v(t) = the latent pixel of view v that texel t's centre falls in (at most one; none if v misses t)
+    T_v(p)     = { t : owner_v(t) = p }    -- disjoint for the pixels p of one view
+    eps_v(p)   = sum_{t in T_v(p)} Z(t) / sqrt(|T_v(p)|)        if p is foreground and T_v(p) is not empty
+    eps_v(p)   ~ N(0, I_C) iid                                   otherwise (background, or a grazing pixel whose
+                                                                 footprint got no texel)
 
-T_v(p) is the set of DISTINCT noise texels that the UVs of the image pixels under p's footprint (the f x f
-block of image pixels one latent pixel covers, f = H / h, e.g. 8 for Stable Diffusion) land in: texel column
-``floor(frac(u) * S)``, row ``floor((1 - frac(v)) * S)`` (Blender UVs, wrapped modulo 1, row 0 = top, as in
-``concord.geometry.bake``). A sum of n distinct iid N(0, 1) values divided by sqrt(n) is exactly N(0, 1), so
-every latent pixel is exactly standard normal, and two latent pixels -- in the same or different views --
-whose footprints cover the same texel set start from the same value: one surface point starts from the same
-noise in every view. Footprints that overlap partially are partially correlated (|T cap T'| / sqrt(|T| |T'|)).
+A sum of n iid N(0, 1) values divided by sqrt(n) is exactly N(0, 1); disjoint sets make two pixels of one view
+exactly independent (white within a view). Two pixels p, q of DIFFERENT views share the texels of the surface
+both cover, so ``corr(eps_v(p), eps_w(q)) = |T_v(p) cap T_w(q)| / sqrt(|T_v(p)| |T_w(q)|)``: high where their
+footprints overlap on the surface. (Footprints of two views are never aligned, so the correlation of one surface
+point across views is below 1: for two equal, randomly offset square footprints the overlap at a footprint's
+centre averages (3/4)^2 ~ 0.56; tests/server/test_uv_noise.py measures it.)
 
-* Foreground latent pixel: a strict majority of its f x f image pixels are foreground (``mask``); only those
-  foreground image pixels contribute texels (a background pixel has no UV).
-* Background latent pixels (the rest) take iid N(0, 1) drawn from ``generator`` **before** the texture, as the
-  full tensor ``randn((V, C, h, w))`` of which the background positions are kept: they are independent of the
-  foreground and do not depend on the geometry at all.
-* ``noise_texture_size=None``: S such that one texel is about one latent pixel's footprint on the surface:
-  ``S = round(1 / L)`` with L the median over foreground latent pixels of ``sqrt(|det [du_x, du_y]|)``, the
-  square root of the UV-area of the parallelogram spanned by the UV differences to the right and lower
-  neighbouring latent pixels (centre image pixels of the blocks); pairs crossing a UV seam or a depth edge
-  (a UV jump > 0.25) are left out (:func:`concord.geometry.sync.footprint_texture_size`). Clipped to [4, 4096].
-  With S there, a footprint covers ~1-4 texels; a smaller S makes more pixels share exactly.
+"Which latent pixel a texel's centre falls in", from the views' UV maps at image resolution (H, W) (the ViewSet
+contract, ``concord.geometry.viewset``; latents (h, w), one latent pixel = an fy x fx block, fy = H / h):
+every foreground image pixel x of view v samples the texel its UV u_v(x) lands in, column
+``floor(frac(u) * S)``, row ``floor((1 - frac(v)) * S)`` (Blender UVs wrapped modulo 1, row 0 = top, as in
+``concord.geometry.bake``). Among the image pixels of view v that land in texel t, the one whose UV is nearest
+t's centre (in texel units; ties: the first in row-major order) is where t's centre falls, and its latent
+block is owner_v(t). A texel no image pixel of v lands in has no owner in v. The UV map is the rendered,
+depth-tested surface, so occluded texels have no owner. With texels about 2 image pixels wide (the automatic
+size below: f = 8 -> 4 x 4 texels per footprint), almost every texel under a footprint is sampled.
 
-Classic models (per view/frame i, all (N, C, h, w), Ge et al., "Preserve Your Own Correlation", ICCV'23)::
-
-    iid:          eps_i ~ N(0, I) independent
-    shared:       eps_i = eps
-    mixed:        eps_i = eps_shared + eps_ind_i, eps_shared ~ N(0, a^2/(1+a^2)), eps_ind_i ~ N(0, 1/(1+a^2))
-                  -> corr(eps_i, eps_j) = a^2 / (1 + a^2)
-    progressive:  eps_0 ~ N(0, I), eps_i = a/sqrt(1+a^2) eps_{i-1} + eps_ind_i, eps_ind_i ~ N(0, 1/(1+a^2))
-                  -> corr(eps_i, eps_{i-k}) = (a / sqrt(1 + a^2))^k
+* Foreground latent pixel: a strict majority of its image pixels are foreground
+  (:func:`concord.geometry.sync.latent_foreground`, the rule LatentSync uses). A texel whose nearest image
+  pixel lies in a background latent pixel is dropped.
+* Background draws come from ``generator`` **first**, as the full tensor ``randn((V, C, h, w))`` of which the
+  positions that take no UV noise are kept: they do not depend on the geometry.
+* Then the texture: ``randn((C, U))`` for the U texels owned in at least one view, in increasing texel id
+  (only those values are ever read; drawing the full S x S texture would cost S^2 for nothing).
+* ``noise_texture_size=None``: :func:`uv_noise_texture_size` = k x :func:`matched_noise_texture_size` (a texel
+  about one footprint), k = clip(f // 2, 1, 4) with f = min(fy, fx): k^2 = 16 texels per footprint at f = 8,
+  and a texel never narrower than ~2 image pixels (finer texels would go unsampled). Clipped to 4096.
 
 Random numbers come only from the ``generator`` passed in (on its device), so a seed reproduces the noise.
-
 What it must never do: import bpy, touch the network or the file system, or use the global RNG.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from ..geometry.sync import footprint_texture_size
+from ..geometry.sync import MAX_TEXTURE_SIZE, footprint_texture_size, latent_blocks, latent_foreground
 
 __all__ = [
-    "iid_noise",
     "matched_noise_texture_size",
-    "mixed_noise",
-    "progressive_noise",
-    "shared_noise",
     "uv_noise_texels",
+    "uv_noise_texture_size",
     "uv_space_noise",
 ]
 
-
-def _shape4(shape: Sequence[int]) -> tuple[int, int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"noise shape must be (N, C, h, w) with positive sizes, got {shape}")
-    return shape  # type: ignore[return-value]
+#: Texels per footprint side at the automatic size (capped by f // 2 so a texel spans >= ~2 image pixels).
+TEXELS_PER_FOOTPRINT = 4
 
 
-def _randn(shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    # Draw in float32 on the generator's device (fp16 draws would change the values with the dtype), then cast.
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Classic per-frame models (MATH.md section 1)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def iid_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """eps_i ~ N(0, I), independent for every i. shape (N, C, h, w)."""
-    return _randn(_shape4(shape), generator, dtype)
-
-
-def shared_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """eps_i = eps for every i (one N(0, I) draw repeated). shape (N, C, h, w)."""
-    n, c, h, w = _shape4(shape)
-    return _randn((1, c, h, w), generator, dtype).expand(n, c, h, w).contiguous()
-
-
-def mixed_noise(
-    shape: Sequence[int], generator: torch.Generator, alpha: float = 1.0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Mixed noise (Ge et al. 2023): eps_i = eps_shared + eps_ind_i with variances a^2/(1+a^2) and 1/(1+a^2),
-    so eps_i ~ N(0, I) and corr(eps_i, eps_j) = a^2 / (1 + a^2) for i != j. ``alpha`` = a >= 0."""
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    n, c, h, w = _shape4(shape)
-    a2 = float(alpha) ** 2
-    shared = _randn((1, c, h, w), generator, torch.float32) * math.sqrt(a2 / (1.0 + a2))
-    ind = _randn((n, c, h, w), generator, torch.float32) * math.sqrt(1.0 / (1.0 + a2))
-    return (shared + ind).to(dtype)
-
-
-def progressive_noise(
-    shape: Sequence[int], generator: torch.Generator, alpha: float = 1.0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Progressive noise (Ge et al. 2023): eps_0 ~ N(0, I), eps_i = a/sqrt(1+a^2) eps_{i-1} + eps_ind_i with
-    eps_ind_i ~ N(0, 1/(1+a^2) I): each eps_i ~ N(0, I), corr(eps_i, eps_{i-k}) = (a/sqrt(1+a^2))^k."""
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    n, c, h, w = _shape4(shape)
-    a2 = float(alpha) ** 2
-    r = math.sqrt(a2 / (1.0 + a2))
-    # Draw everything at once (one generator call, reproducible), then run the recursion.
-    z = _randn((n, c, h, w), generator, torch.float32)
-    out = torch.empty_like(z)
-    out[0] = z[0]
-    s = math.sqrt(1.0 / (1.0 + a2))
-    for i in range(1, n):
-        out[i] = r * out[i - 1] + s * z[i]
-    return out.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# UV-space noise
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _block_factor(image: int, latent: int, axis: str) -> int:
-    if latent < 1 or image % latent:
-        raise ValueError(
-            f"view {axis} {image} is not a whole multiple of the latent {axis} {latent} "
-            "(each latent pixel must cover an f x f block of image pixels)"
-        )
-    return image // latent
-
-
-def _blocks(a: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """(V, H, W, ...) -> (V, h, w, fy*fx, ...): the image pixels under each latent pixel."""
-    v, hh, ww = a.shape[:3]
-    rest = a.shape[3:]
-    h, w = hh // fy, ww // fx
-    b = a.reshape(v, h, fy, w, fx, *rest)
-    b = np.moveaxis(b, 2, 3)  # (V, h, w, fy, fx, ...)
-    return b.reshape(v, h, w, fy * fx, *rest)
-
-
-def uv_noise_texels(
-    uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int], noise_texture_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The texel sets T_v(p) of :func:`uv_space_noise` (module docstring), geometry only.
-
-    Returns ``(foreground, texel, owner)``: ``foreground`` bool (V, h, w) latent pixels that take UV noise;
-    ``texel`` int64 (M,) distinct noise-texel indices (row * S + col) and ``owner`` int64 (M,) the flat
-    index into (V, h, w) of the latent pixel each belongs to (sorted by owner, then texel).
-    """
+def _check(uv: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uv = np.asarray(uv)
     mask = np.asarray(mask, dtype=bool)
     if uv.ndim != 4 or uv.shape[-1] != 2 or mask.shape != uv.shape[:3]:
-        raise ValueError(f"uv must be (V, H, W, 2) and mask (V, H, W), got {uv.shape} and {mask.shape}")
+        raise ValueError(
+            f"uv must be (V, H, W, 2) and mask (V, H, W) of the same views, got {uv.shape} and {mask.shape} "
+            "(pass the ViewSet's uv and mask at view resolution)"
+        )
+    return uv, mask
+
+
+def matched_noise_texture_size(uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int]) -> int:
+    """S whose texel is about one latent pixel's footprint on the surface:
+    :func:`concord.geometry.sync.footprint_texture_size` of the blocks' centre-pixel UVs and majority mask."""
+    uv, mask = _check(uv, mask)
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    majority = latent_foreground(mask, (h, w))
+    fy, fx = mask.shape[1] // h, mask.shape[2] // w
+    centre = uv[:, fy // 2 :: fy, fx // 2 :: fx][:, :h, :w]
+    cm = mask[:, fy // 2 :: fy, fx // 2 :: fx][:, :h, :w]
+    return footprint_texture_size(np.where(cm[..., None], centre, np.nan), majority)
+
+
+def uv_noise_texture_size(uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int]) -> int:
+    """The automatic noise-texture size of :func:`uv_space_noise`: k x :func:`matched_noise_texture_size`,
+    k = clip(min(fy, fx) // 2, 1, TEXELS_PER_FOOTPRINT), at most MAX_TEXTURE_SIZE (module docstring)."""
+    uv, mask = _check(uv, mask)
+    f = min(mask.shape[1] // int(latent_hw[0]), mask.shape[2] // int(latent_hw[1]))
+    k = int(np.clip(f // 2, 1, TEXELS_PER_FOOTPRINT))
+    return int(min(k * matched_noise_texture_size(uv, mask, latent_hw), MAX_TEXTURE_SIZE))
+
+
+def uv_noise_texels(
+    uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int], noise_texture_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The partition T_v(p) of :func:`uv_space_noise` (module docstring), geometry only.
+
+    Returns ``(foreground, texel, owner)``: ``foreground`` bool (V, h, w), the latent pixels that take UV noise
+    (majority foreground AND at least one texel); ``texel`` int64 (M,) noise-texel ids (row * S + col) and
+    ``owner`` int64 (M,) the flat index into (V, h, w) of the latent pixel each belongs to, sorted by owner, then
+    texel. Within one view a texel appears at most once. ``noise_texture_size=None``: :func:`uv_noise_texture_size`.
+    """
+    uv, mask = _check(uv, mask)
     v, hh, ww = mask.shape
     h, w = int(latent_hw[0]), int(latent_hw[1])
-    fy, fx = _block_factor(hh, h, "height"), _block_factor(ww, w, "width")
-    s = int(noise_texture_size)
-    if s < 1:
-        raise ValueError(f"noise_texture_size must be positive, got {noise_texture_size}")
+    fg_latent = latent_foreground(mask, (h, w))  # validates the block factors
+    fy, fx = hh // h, ww // w
+    s = uv_noise_texture_size(uv, mask, (h, w)) if noise_texture_size is None else int(noise_texture_size)
+    if not 1 <= s <= MAX_TEXTURE_SIZE:
+        raise ValueError(f"noise_texture_size must be in 1..{MAX_TEXTURE_SIZE}, got {noise_texture_size}")
 
-    mblk = _blocks(mask, fy, fx)  # (V, h, w, f2)
-    f2 = fy * fx
-    foreground = mblk.sum(axis=-1) * 2 > f2  # strict majority
-    uvb = _blocks(uv.astype(np.float64, copy=False), fy, fx)  # (V, h, w, f2, 2)
-    fu = np.mod(uvb[..., 0], 1.0)
-    fv = np.mod(uvb[..., 1], 1.0)
-    col = np.minimum(np.floor(fu * s).astype(np.int64), s - 1)
-    row = np.minimum(np.floor((1.0 - fv) * s).astype(np.int64), s - 1)
-    tex = row * s + col
-    big = np.int64(s) * s  # sentinel above every texel: background image pixels
-    tex = np.where(mblk & foreground[..., None], tex, big).reshape(v * h * w, f2)
-    tex.sort(axis=1)
-    distinct = tex < big
-    distinct[:, 1:] &= tex[:, 1:] != tex[:, :-1]
-    owner, slot = np.nonzero(distinct)  # row-major: sorted by owner, then texel
-    return foreground, tex[owner, slot], owner.astype(np.int64)
+    uvf = uv.reshape(-1, 2)
+    sel = mask.reshape(-1) & np.isfinite(uvf).all(-1)
+    pix = np.flatnonzero(sel)  # flat index into (V, H, W), increasing
+    x = np.mod(uvf[pix, 0].astype(np.float64), 1.0) * s
+    y = (1.0 - np.mod(uvf[pix, 1].astype(np.float64), 1.0)) * s
+    col = np.minimum(np.floor(x), s - 1)
+    row = np.minimum(np.floor(y), s - 1)
+    d2 = (x - col - 0.5) ** 2 + (y - row - 0.5) ** 2  # squared distance to the texel centre, texel units, <= 0.5
+    view = pix // (hh * ww)
+    key = view * (s * s) + row.astype(np.int64) * s + col.astype(np.int64)  # (view, texel)
+    # Per (view, texel): the image pixel nearest the texel centre. Sort by key, then distance (lexsort is stable:
+    # ties keep row-major pixel order), and keep each key's first entry.
+    order = np.lexsort((d2, key))
+    ks = key[order]
+    first = np.ones(ks.size, dtype=bool)
+    first[1:] = ks[1:] != ks[:-1]
+    win = order[first]
+    p = pix[win]
+    r_img, c_img = (p % (hh * ww)) // ww, p % ww
+    owner = view[win] * (h * w) + (r_img // fy) * w + c_img // fx
+    texel = key[win] % (s * s)
+    keep = fg_latent.reshape(-1)[owner]
+    owner, texel = owner[keep], texel[keep]
+    o = np.lexsort((texel, owner))
+    owner, texel = owner[o].astype(np.int64), texel[o].astype(np.int64)
+    foreground = np.zeros(v * h * w, dtype=bool)
+    foreground[owner] = True
+    return foreground.reshape(v, h, w), texel, owner
 
 
 def uv_space_noise(
@@ -203,54 +161,33 @@ def uv_space_noise(
 ) -> torch.Tensor:
     """UV-space initial noise for V views (module docstring): (V, C, h, w) on the generator's device.
 
-    ``uv`` (V, H, W, 2) and ``mask`` (V, H, W) at the view (image) resolution of the ViewSet contract
-    (``concord.geometry.viewset``); ``latent_shape`` = (C, h, w) with H = f h, W = f w. Each latent pixel is
-    exactly N(0, 1); latent pixels whose footprints hit the same texel set -- in any views -- are equal.
-    Draw order (for reproducibility): background ``randn(V, C, h, w)``, then the texture ``randn(C, S, S)``.
+    ``uv`` (V, H, W, 2) and ``mask`` (V, H, W) at the view (image) resolution of the ViewSet contract;
+    ``latent_shape`` = (C, h, w) with H = fy h, W = fx w. Formula (Chang et al. ICLR'24, integral noise)::
+
+        eps_v(p) = sum_{t in T_v(p)} Z(t) / sqrt(|T_v(p)|),   Z ~ N(0, I) on the noise texels,
+
+    T_v(p) disjoint within a view: every latent pixel is exactly N(0, 1) and independent of the other pixels of
+    its view; pixels of different views correlate by |T cap T'| / sqrt(|T| |T'|). Background pixels (and
+    foreground pixels with no texel) are iid. Draw order: ``randn(V, C, h, w)`` (background), then ``randn(C, U)``
+    (the U owned texels, by increasing id).
     """
     c, h, w = (int(x) for x in latent_shape)
-    mask = np.asarray(mask, dtype=bool)
-    uv = np.asarray(uv)
+    uv, mask = _check(uv, mask)
     v = mask.shape[0]
-    if noise_texture_size is None:
-        noise_texture_size = matched_noise_texture_size(uv, mask, (h, w))
-    s = int(noise_texture_size)
-    foreground, texel, owner = uv_noise_texels(uv, mask, (h, w), s)
+    foreground, texel, owner = uv_noise_texels(uv, mask, (h, w), noise_texture_size)
 
     device = generator.device
-    background = _randn((v, c, h, w), generator, torch.float32)
-    z = _randn((c, s * s), generator, torch.float32)
+    background = torch.randn((v, c, h, w), generator=generator, device=device, dtype=torch.float32)
+    used, slot = np.unique(texel, return_inverse=True)
+    z = torch.randn((c, used.size), generator=generator, device=device, dtype=torch.float32)
 
-    # eps(p) = sum_{t in T(p)} Z(t) / sqrt(|T(p)|): index_add over the (owner, texel) pairs.
     n = v * h * w
     owner_t = torch.from_numpy(owner).to(device)
-    texel_t = torch.from_numpy(texel).to(device)
     sums = torch.zeros(c, n, device=device, dtype=torch.float32)
-    sums.index_add_(1, owner_t, z[:, texel_t])
+    sums.index_add_(1, owner_t, z[:, torch.from_numpy(slot.reshape(-1)).to(device)])
     count = torch.bincount(owner_t, minlength=n).to(torch.float32)
-    fg = torch.from_numpy(foreground.reshape(-1)).to(device)
     eps = sums / count.clamp_min(1.0).sqrt()
+    fg = torch.from_numpy(foreground.reshape(-1)).to(device)
     out = background.permute(1, 0, 2, 3).reshape(c, n).clone()
     out[:, fg] = eps[:, fg]
     return out.reshape(c, v, h, w).permute(1, 0, 2, 3).contiguous().to(dtype)
-
-
-def matched_noise_texture_size(uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int]) -> int:
-    """The automatic noise-texture size S of :func:`uv_space_noise` (a texel about one latent footprint):
-    :func:`concord.geometry.sync.footprint_texture_size` of the blocks' centre-pixel UVs and majority mask."""
-    mask = np.asarray(mask, dtype=bool)
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    fy = _block_factor(mask.shape[1], h, "height")
-    fx = _block_factor(mask.shape[2], w, "width")
-    majority = _blocks(mask, fy, fx).sum(axis=-1) * 2 > fy * fx
-    return footprint_texture_size(_centre_pixels(np.asarray(uv), mask, (h, w)), majority)
-
-
-def _centre_pixels(uv: np.ndarray, mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
-    """UV of the image pixel at (f//2, f//2) of each latent block: (V, h, w, 2), 0 where that pixel is
-    background (the estimator leaves pairs with a background centre out through the foreground test)."""
-    h, w = latent_hw
-    fy, fx = mask.shape[1] // h, mask.shape[2] // w
-    centre = uv[:, fy // 2 :: fy, fx // 2 :: fx][:, :h, :w]
-    cm = mask[:, fy // 2 :: fy, fx // 2 :: fx][:, :h, :w]
-    return np.where(cm[..., None], centre, np.nan)

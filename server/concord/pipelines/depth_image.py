@@ -69,6 +69,11 @@ def depth_to_control(depth: np.ndarray) -> np.ndarray:
 def run(model, params: DepthImageParams, arrays: dict[str, np.ndarray], ctx: JobContext) -> None:
     import torch
 
+    from concord.models.recommended import resolve_job_settings
+    from concord.models.registry import model_settings
+
+    recommended = model_settings(model)
+    params, settings = resolve_job_settings(params, recommended, "depth_image")  # omitted settings: the model's
     depth = arrays["depth"]
     height, width = depth.shape
     control = depth_to_control(depth)
@@ -117,6 +122,9 @@ def run(model, params: DepthImageParams, arrays: dict[str, np.ndarray], ctx: Job
                 "height": height,
                 "seed": params.seed,
                 "steps": params.steps,
+                "guidance": params.guidance,
+                "settings": settings,
+                "recommended": recommended.as_dict(),
                 "sampling_seconds": round(elapsed, 4),
             },
             indent=2,

@@ -1,6 +1,8 @@
 """Job kind `texture`: V views of a mesh generated jointly so they agree, then baked into its UV texture.
 
-Inputs: a ViewSet (`concord.geometry.viewset`, the array contract) and `TextureParams` (`api/schemas.py`). The sampler
+Inputs: a ViewSet (`concord.geometry.viewset`, the array contract) and `TextureParams` (`api/schemas.py`); optionally
+the mesh's `triangles` and `triangle_uv`, without which metrics.json's `coverage` (the share of UV-island texels the
+views see, `concord.geometry.metrics.surface_coverage`) is null. The sampler
 is Concord's own DDIM loop (Song et al. 2021) over all views at once, on the scheduler config of the loaded pipe,
 talking only to a `Codec` and a `Denoiser` (`concord.pipelines.denoiser`, ARCHITECTURE rule 7). What makes the views
 agree, each switch independent of the others (`ConsistencyOptions`):
@@ -17,7 +19,9 @@ agree, each switch independent of the others (`ConsistencyOptions`):
 - **loss guidance** (MATH.md section 4; SyncDiffusion, Lee et al. 2023): `loss_guidance_gradient`, early steps only.
 
 Result files (in `ctx.out_dir`): `texture.png`, `coverage.png`, `views/view_XX.png`, `grid.png` (views tiled, the
-control maps tiled below them), `transforms.json` (the rig, for `concord bake`), `metrics.json`.
+control maps tiled below them), `transforms.json` (the rig, for `concord bake`), `metrics.json` (its `settings`:
+steps, guidance and texture size actually used, each with its source, `user` or `model`: a request that leaves one
+out gets the loaded model's recommended value, `concord.models.recommended`).
 
 What this module must never do: touch the queue or the job record, write anywhere but `ctx.out_dir`, leave an
 attention processor installed after it returns (the context manager restores them), change the model's weights,
@@ -67,11 +71,15 @@ ARRAYS = ArraysContract(
         ArraySpec("intrinsics", _FLOATS, ("V", 3, 3), "pinhole K in pixels (OpenCV)", cast_to="float32"),
         ArraySpec("world_to_camera", _FLOATS, ("V", 4, 4), "world -> camera, OpenCV axes", cast_to="float32"),
         ArraySpec("image", ("uint8", "float32"), ("V", "H", "W", 3), "optional, ignored by the texture job", required=False),
+        # The surface (optional; both or neither): coverage in metrics.json is then measured over the UV islands.
+        ArraySpec("triangles", _FLOATS, ("F", 3, 3), "optional: the mesh's triangles, corner positions in the views' world frame", required=False, cast_to="float32"),
+        ArraySpec("triangle_uv", _FLOATS, ("F", 3, 2), "optional: the same triangles' corner UVs (Blender convention)", required=False, cast_to="float32"),
     ),
-    dims={"V": DimLimit(1, MAX_VIEWS), "H": DimLimit(64, 1024, 8), "W": DimLimit(64, 1024, 8)},
+    dims={"V": DimLimit(1, MAX_VIEWS), "H": DimLimit(64, 1024, 8), "W": DimLimit(64, 1024, 8), "F": DimLimit(1, 20_000_000)},
 )
 
 RESULT_FILES = ("texture.png", "coverage.png", "grid.png", "transforms.json", "metrics.json")
+SURFACE_ARRAYS = ("triangles", "triangle_uv")  # not ViewSet fields (concord.geometry.metrics.surface_arrays)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,9 +109,14 @@ def check_inputs(params: TextureParams, arrays: dict[str, np.ndarray]) -> None:
     from concord.geometry.viewset import ViewSet, ViewSetError
 
     try:
-        vs = ViewSet.from_arrays(arrays)
+        vs = ViewSet.from_arrays({k: a for k, a in arrays.items() if k not in SURFACE_ARRAYS})
     except ViewSetError as exc:
         raise JobInputError(f"the views break the ViewSet contract: {exc.message}", f"arrays.{exc.field}", exc.hint or None) from None
+    given = [k for k in SURFACE_ARRAYS if k in arrays]
+    if len(given) == 1:
+        missing = next(k for k in SURFACE_ARRAYS if k not in arrays)
+        raise JobInputError(f"`{given[0]}` came without `{missing}`", f"arrays.{missing}",
+                            "send both (F, 3, 3) corner positions and (F, 3, 2) corner UVs of the same triangles, or neither")
     v = vs.num_views
     c = params.consistency
     bad = [r for r in c.reference_views if not 0 <= r < v]
@@ -270,20 +283,26 @@ def run(
     from PIL import Image
 
     from concord.geometry.bake import bake_views
-    from concord.geometry.metrics import coverage_fraction, cross_view_disagreement
+    from concord.geometry.metrics import coverage_image, coverage_metrics, cross_view_disagreement, surface_coverage
     from concord.geometry.transforms_json import write_transforms_json
     from concord.geometry.viewset import ViewSet
+    from concord.models.recommended import resolve_job_settings, view_size_note
+    from concord.models.registry import model_settings
     from concord.pipelines.denoiser import ddim_step, denoiser_from_model, x0_and_eps_from_output
 
     timings: dict[str, float] = {}
     c = params.consistency
-    vs = ViewSet.from_arrays(arrays, validate=False)
+    vs = ViewSet.from_arrays({k: a for k, a in arrays.items() if k not in SURFACE_ARRAYS}, validate=False)
     V, H, W = vs.num_views, vs.height, vs.width
 
     ctx.stage("encoding")
     t0 = time.perf_counter()
     if parts is None:
         parts = denoiser_from_model(model, params.conditioning_scale)
+    # Settings the request left out (None) are the model's recommended ones; metrics.json says which were which.
+    recommended = model_settings(model, parts.kind)
+    params, settings = resolve_job_settings(params, recommended, "texture")
+    note = view_size_note(getattr(model, "name", parts.kind), max(W, H), recommended)
     den, codec, device = parts.denoiser, parts.codec, parts.device
     f = codec.scale_factor
     if H % f or W % f:
@@ -414,6 +433,10 @@ def run(
     bake = bake_views(vs, views_u8, params.texture_size, cos_power=params.bake.cos_power, padding=params.bake.padding)
     disagreement = cross_view_disagreement(bake.index, views_u8)
     timings["baking_s"] = time.perf_counter() - t0
+    surface = None
+    if "triangles" in arrays:  # coverage of the UV islands (concord.geometry.metrics.surface_coverage)
+        surface = surface_coverage(vs, arrays["triangles"], arrays["triangle_uv"], params.texture_size)
+        timings["coverage_s"] = surface.seconds
 
     ctx.stage("saving")
     t0 = time.perf_counter()
@@ -423,7 +446,7 @@ def run(
     for k, name in enumerate(names):
         Image.fromarray(views_u8[k]).save(out / name)
     Image.fromarray(_to_uint8(bake.texture)).save(out / "texture.png")
-    Image.fromarray(bake.coverage.astype(np.uint8) * 255).save(out / "coverage.png")
+    Image.fromarray(coverage_image(bake.coverage, surface)).save(out / "coverage.png")
     pr, pc = grid_shape(V, c.grid_rows, c.grid_cols) if grid else grid_shape(V)
     ctrl_u8 = np.repeat(_to_uint8(control_np)[..., None], 3, axis=-1)
     picture = np.concatenate([picture_grid(views_u8, pr, pc), picture_grid(ctrl_u8, pr, pc)], axis=0)
@@ -440,7 +463,7 @@ def run(
         "view_size": [W, H],
         "latent_size": [w, h],
         "texture_size": params.texture_size,
-        "coverage": coverage_fraction(bake.coverage),
+        **coverage_metrics(bake.coverage, surface),  # coverage of the UV islands, or None without triangles
         "cross_view_disagreement": disagreement.as_dict(),
         "latent_disagreement": latent_disagreement,
         "grid": [rows, cols] if grid else None,
@@ -449,6 +472,9 @@ def run(
         "prediction_type": den.prediction_type,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "params": params.model_dump(mode="json"),
+        "settings": settings,  # {steps, guidance, texture_size: {value, source: "user" | "model"}}
+        "recommended": recommended.as_dict(),
+        "warnings": [note] if note else [],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

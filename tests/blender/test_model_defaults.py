@@ -1,0 +1,137 @@
+"""The add-on's "Model Defaults" switch, headless, against a real `concord serve --model tiny` subprocess.
+
+* a new scene has it on;
+* Check Server (preferences) fills view size / steps / guidance / texture size from the server's model, and leaves
+  them alone when the switch is off;
+* a job started with the switch on captures at the model's view size, leaves steps / guidance / texture size to
+  the server, and metrics.json and the panel say every setting came from the model; with the switch off the
+  panel's values are used and recorded as set by hand;
+* server down with the switch on: a clear error before anything is captured, settings and scene unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.blender
+
+BOX = Path(__file__).resolve().parents[1] / "fixtures" / "meshes" / "boxtextured" / "BoxTextured.glb"
+
+
+def _prefs(bpy):
+    return bpy.context.preferences.addons["blender_addon"].preferences
+
+
+def _import_box(bpy):
+    bpy.ops.import_scene.gltf(filepath=str(BOX))
+    ob = next(o for o in bpy.context.scene.objects if o.type == "MESH")
+    bpy.ops.object.select_all(action="DESELECT")
+    ob.select_set(True)
+    bpy.context.view_layer.objects.active = ob
+    return ob
+
+
+def _not_the_models(s) -> None:
+    """Values no preset recommends, so a fill is visible."""
+    s.view_resolution, s.steps, s.guidance, s.texture_size = 136, 2, 9.0, "4096"
+
+
+def _recommended(server) -> dict:
+    from blender_addon.core.client import ConcordClient
+
+    return ConcordClient(server.url).health()["recommended"]
+
+
+def _settings_tuple(s) -> tuple:
+    return s.view_resolution, s.steps, round(s.guidance, 4), s.texture_size
+
+
+def test_new_scene_has_model_defaults_on(addon, bpy_module):
+    assert bpy_module.context.scene.concord.model_defaults is True
+
+
+def test_check_server_fills_the_models_settings(addon, bpy_module, concord_server):
+    bpy = bpy_module
+    _prefs(bpy).server_url = concord_server.url
+    rec = _recommended(concord_server)
+    s = bpy.context.scene.concord
+
+    s.model_defaults = False
+    _not_the_models(s)
+    before = _settings_tuple(s)
+    assert bpy.ops.concord.check_server(blocking=True) == {"FINISHED"}
+    assert _settings_tuple(s) == before  # switch off: untouched
+
+    s.model_defaults = True
+    assert bpy.ops.concord.check_server(blocking=True) == {"FINISHED"}
+    assert _settings_tuple(s) == (rec["view_size"], rec["steps"], round(rec["guidance"], 4), str(rec["texture_size"]))
+    assert s.model_defaults_from == "tiny"
+    assert f"{rec['view_size']} px views" in _prefs(bpy).status_text
+
+
+def test_job_with_model_defaults_uses_the_models_settings(addon, bpy_module, concord_server, tmp_path):
+    bpy = bpy_module
+    _prefs(bpy).server_url = concord_server.url
+    rec = _recommended(concord_server)
+    ob = _import_box(bpy)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    s = bpy.context.scene.concord
+    s.prompt = "weathered red brick"
+    _not_the_models(s)  # never checked: the job start must fetch the model's settings itself
+
+    assert bpy.ops.concord.texture_mesh(blocking=True) == {"FINISHED"}
+
+    assert _settings_tuple(s) == (rec["view_size"], rec["steps"], round(rec["guidance"], 4), str(rec["texture_size"]))
+    state = bpy.context.window_manager.concord_job
+    metrics = json.loads((Path(state.last_result) / "metrics.json").read_text())
+    assert metrics["settings"] == {
+        "steps": {"value": rec["steps"], "source": "model"},
+        "guidance": {"value": rec["guidance"], "source": "model"},
+        "texture_size": {"value": rec["texture_size"], "source": "model"},
+        "view_size": {"value": rec["view_size"], "source": "model"},
+    }
+    assert metrics["view_size"] == [rec["view_size"]] * 2 and metrics["texture_size"] == rec["texture_size"]
+    assert "model tiny's defaults" in state.last_settings and f"{rec['view_size']} px views" in state.last_settings
+    assert ob.material_slots[0].material.name.startswith("Concord")
+
+
+def test_job_without_model_defaults_uses_the_panel(addon, bpy_module, concord_server, tmp_path):
+    bpy = bpy_module
+    _prefs(bpy).server_url = concord_server.url
+    _import_box(bpy)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    s = bpy.context.scene.concord
+    s.prompt = "weathered red brick"
+    s.model_defaults = False
+    s.view_resolution, s.steps, s.guidance, s.texture_size = 72, 2, 5.0, "512"
+
+    assert bpy.ops.concord.texture_mesh(blocking=True) == {"FINISHED"}
+
+    assert _settings_tuple(s) == (72, 2, 5.0, "512")
+    state = bpy.context.window_manager.concord_job
+    metrics = json.loads((Path(state.last_result) / "metrics.json").read_text())
+    assert metrics["settings"] == {
+        "steps": {"value": 2, "source": "user"},
+        "guidance": {"value": 5.0, "source": "user"},
+        "texture_size": {"value": 512, "source": "user"},
+        "view_size": {"value": 72, "source": "user"},
+    }
+    assert "set by hand" in state.last_settings
+
+
+def test_server_down_with_model_defaults_is_a_clear_error(addon, bpy_module, snapshot, free_port):
+    bpy = bpy_module
+    _prefs(bpy).server_url = f"http://127.0.0.1:{free_port}"
+    _import_box(bpy)
+    s = bpy.context.scene.concord
+    s.prompt = "weathered red brick"
+    _not_the_models(s)
+    settings, before = _settings_tuple(s), snapshot()
+    with pytest.raises(RuntimeError, match="connection refused"):
+        bpy.ops.concord.texture_mesh(blocking=True)
+    assert snapshot() == before and _settings_tuple(s) == settings
+    state = bpy.context.window_manager.concord_job
+    assert "concord serve" in state.last_report and not state.running
