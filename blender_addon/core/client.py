@@ -174,6 +174,11 @@ class ConcordClient:
                 f"the server speaks protocol {version}, this add-on speaks {protocol.PROTOCOL_VERSION}",
                 hint="update the add-on and the server to the same Concord release",
             )
+        if h.get("status", "ok") != "ok":  # the server answers but its job worker cannot run jobs
+            raise ServerError(
+                f"the Concord server at {self.url} cannot run jobs now: {h.get('problem') or 'its job worker stopped'}",
+                hint="restart `concord serve`; its log says what went wrong",
+            )
         return h
 
     def submit(self, kind: str, params: dict, arrays: dict | None = None) -> str:

@@ -15,6 +15,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from concord.api.schemas import JobState
@@ -228,3 +229,35 @@ def test_dead_worker_through_the_app_health_says_degraded_and_jobs_get_503(clien
     r = client.post("/v1/jobs", files=job_files())
     assert r.status_code == 503
     assert "cannot run jobs" in r.json()["error"] and "restart" in r.json()["hint"]
+
+
+def test_add_on_client_reports_a_degraded_server(tiny_model, tmp_path):
+    """The add-on's health check (Check Server, and the first step of every job) turns a degraded server into a
+    clear error instead of sending work that would be refused."""
+    from blender_addon.core.client import ConcordClient, ServerError
+    from tests.harness import InProcessServer
+
+    with InProcessServer(tiny_model, tmp_path / "data") as srv:
+        client = ConcordClient(srv.url)
+        assert client.health()["status"] == "ok"
+        unet = tiny_model.pipe.unet
+        had_own_forward, original = "forward" in vars(unet), unet.forward
+
+        def fatal(*a, **k):
+            raise Fatal("the device went away")
+
+        unet.forward = fatal
+        try:
+            depth = np.zeros((64, 64), np.float32)
+            depth[16:48, 16:48] = 2.0
+            jid = client.submit("depth_image", {"prompt": "x", "steps": 2}, {"depth": depth})
+            with pytest.raises(ServerError):
+                client.wait(jid, poll=0.01)
+        finally:
+            if had_own_forward:
+                unet.forward = original
+            else:
+                del unet.forward
+        with pytest.raises(ServerError, match="cannot run jobs now") as info:
+            client.health()
+        assert "restart" in info.value.hint

@@ -140,10 +140,15 @@ FORMS = "accepted: 'zero123pp', 'orbit:N', 'orbit:N@ELEV[,ELEV...]'"
 # accepted forms (says).
 @pytest.mark.parametrize(
     "spec, match, says",
-    [("", "empty", (FORMS,)), ("zero123", "unknown rig", ("'zero123'", FORMS)), ("orbit", "unknown rig", ("'orbit'", FORMS)),
-     ("orbit:", "whole number", ("'orbit:'", FORMS)), ("orbit:x", "whole number", ("'orbit:x'", FORMS)),
-     ("orbit:0", "between 1 and 360", ("'orbit:0'",)), ("orbit:4@a,b", "elevations must be numbers", ("'orbit:4@a,b'",)),
-     ("orbit:4@90", "strictly between -90 and 90", ("elevation 90",)), ("orbit:2.5", "whole number", ("'orbit:2.5'", FORMS))],
+    [("", "empty", (FORMS,)),
+     ("zero123", "unknown rig", ("'zero123'", FORMS)),
+     ("orbit", "unknown rig", ("'orbit'", FORMS)),
+     ("orbit:", "whole number", ("'orbit:'", FORMS)),
+     ("orbit:x", "whole number", ("'orbit:x'", FORMS)),
+     ("orbit:0", "between 1 and 360", ("'orbit:0'",)),
+     ("orbit:4@a,b", "elevations must be numbers", ("'orbit:4@a,b'",)),
+     ("orbit:4@90", "strictly between -90 and 90", ("elevation 90",)),
+     ("orbit:2.5", "whole number", ("'orbit:2.5'", FORMS))],
 )
 def test_parse_rig_errors(spec, match, says):
     with pytest.raises(RigError, match=match) as info:

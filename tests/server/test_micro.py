@@ -368,7 +368,8 @@ def test_micro_joins_the_multiview_texture_sampler(tiny_model, test_pipe, tmp_pa
     shapes = []
     hook = test_pipe.unet.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     try:
-        m = T.run(tiny_model, p, arrays, JobContext(out, lambda *a: None, threading.Event()), parts=micro_parts(test_pipe))
+        ctx = JobContext(out, lambda *a: None, threading.Event())
+        m = T.run(tiny_model, p, arrays, ctx, parts=micro_parts(test_pipe))
     finally:
         hook.remove()
     assert m["prediction_type"] == "v_prediction"

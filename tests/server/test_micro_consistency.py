@@ -95,6 +95,7 @@ def test_every_mechanism_changes_the_views(rows, out_dir, config, without):
         on, off = views_of(out_dir, config, seed), views_of(out_dir, without, seed)
         assert on.shape == off.shape == (6, 64, 64, 3)
         diff = np.abs(on.astype(np.int16) - off.astype(np.int16))
-        print(f"{config} vs {without}, seed {seed}: mean |diff| {diff.mean():.2f}, pixels changed {(diff > 0).mean():.3f}")
+        print(f"{config} vs {without}, seed {seed}: mean |diff| {diff.mean():.2f}, "
+              f"pixels changed {(diff > 0).mean():.3f}")
         # on the object in every view, not a stray pixel: >= 1 % of each view's pixels change
         assert ((diff > 0).any(-1).reshape(6, -1).mean(1) >= 0.01).all(), (config, without, seed)

@@ -316,8 +316,9 @@ OPTION_RUNS = {
     "off": OFF,
     "grid": {**OFF, "grid": True, "shared_attention": "all"},
     # everything at once, on a grid with filler cells (shared attention on a grid: one canvas per group)
-    "grid 2x4": {"grid": True, "grid_rows": 2, "grid_cols": 4, "shared_attention": "reference", "reference_views": [0, 3],
-                 "uv_sync": True, "uv_noise": True, "loss_guidance": True, "loss_guidance_until": 0.5},
+    "grid 2x4": {"grid": True, "grid_rows": 2, "grid_cols": 4, "shared_attention": "reference",
+                 "reference_views": [0, 3], "uv_sync": True, "uv_noise": True, "loss_guidance": True,
+                 "loss_guidance_until": 0.5},
     "all": {**OFF, "shared_attention": "all"},
     "reference": {**OFF, "shared_attention": "reference", "reference_views": [0]},
     "uv noise": {**OFF, "uv_noise": True},
@@ -502,7 +503,8 @@ def test_same_seed_same_result_other_seed_other_start_and_guidance_off(tiny_mode
     tb = np.asarray(Image.open(tmp_path / "b" / "texture.png"))
     assert np.array_equal(ta, tb)
     # guidance off (with loss guidance joining the default shared attention, UV sync and UV noise)
-    c = watched_run(tiny_model, params(guidance=1.0, seed=4, consistency={"loss_guidance": True}), arrays64, tmp_path / "c")
+    c = watched_run(tiny_model, params(guidance=1.0, seed=4, consistency={"loss_guidance": True}), arrays64,
+                    tmp_path / "c")
     assert [tuple(x.shape) for x in c.inputs] == [(6, 4, 8, 8)] * 3  # no CFG: one half; 2 steps + 1 guided call
     assert differs(c.inputs[0], a.inputs[0][:V])  # another seed: another initial noise
 
