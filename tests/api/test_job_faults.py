@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +207,10 @@ def test_fault_through_the_app_then_a_normal_job_completes(client, monkeypatch):
     assert client.get(f"/v1/jobs/{second}/result/image.png").status_code == 200
 
 
-def test_dead_worker_through_the_app_health_says_degraded_and_jobs_get_503(client, tiny_model):
-    unet = tiny_model.pipe.unet
+@contextmanager
+def fatal_denoiser(model):
+    """The model's UNet raises `Fatal` (not an Exception) on every call while the block runs."""
+    unet = model.pipe.unet
     had_own_forward, original = "forward" in vars(unet), unet.forward
 
     def fatal(*a, **k):
@@ -215,13 +218,18 @@ def test_dead_worker_through_the_app_health_says_degraded_and_jobs_get_503(clien
 
     unet.forward = fatal
     try:
-        jid = client.post("/v1/jobs", files=job_files()).json()["id"]
-        st = wait_for(client, jid)
+        yield
     finally:
         if had_own_forward:
             unet.forward = original
         else:
             del unet.forward
+
+
+def test_dead_worker_through_the_app_health_says_degraded_and_jobs_get_503(client, tiny_model):
+    with fatal_denoiser(tiny_model):
+        jid = client.post("/v1/jobs", files=job_files()).json()["id"]
+        st = wait_for(client, jid)
     assert st["state"] == "failed" and "the job worker stopped" in st["error"]["error"]
     health = client.get("/v1/health").json()
     assert health["status"] == "degraded" and health["worker_alive"] is False
@@ -240,24 +248,12 @@ def test_add_on_client_reports_a_degraded_server(tiny_model, tmp_path):
     with InProcessServer(tiny_model, tmp_path / "data") as srv:
         client = ConcordClient(srv.url)
         assert client.health()["status"] == "ok"
-        unet = tiny_model.pipe.unet
-        had_own_forward, original = "forward" in vars(unet), unet.forward
-
-        def fatal(*a, **k):
-            raise Fatal("the device went away")
-
-        unet.forward = fatal
-        try:
+        with fatal_denoiser(tiny_model):
             depth = np.zeros((64, 64), np.float32)
             depth[16:48, 16:48] = 2.0
             jid = client.submit("depth_image", {"prompt": "x", "steps": 2}, {"depth": depth})
             with pytest.raises(ServerError):
                 client.wait(jid, poll=0.01)
-        finally:
-            if had_own_forward:
-                unet.forward = original
-            else:
-                del unet.forward
         with pytest.raises(ServerError, match="cannot run jobs now") as info:
             client.health()
         assert "restart" in info.value.hint

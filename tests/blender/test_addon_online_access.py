@@ -8,13 +8,11 @@ replaced by one that fails the test if it is ever reached with a non-loopback UR
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from addon_scene import import_box
 
 pytestmark = pytest.mark.blender
 
-BOX = Path(__file__).resolve().parents[1] / "fixtures" / "meshes" / "boxtextured" / "BoxTextured.glb"
 REMOTE = "http://192.0.2.10:8765"
 
 
@@ -32,11 +30,7 @@ def no_remote_traffic(monkeypatch):
 
 
 def _scene_with_box(bpy):
-    bpy.ops.import_scene.gltf(filepath=str(BOX))
-    ob = next(o for o in bpy.context.scene.objects if o.type == "MESH")
-    bpy.ops.object.select_all(action="DESELECT")
-    ob.select_set(True)
-    bpy.context.view_layer.objects.active = ob
+    import_box(bpy)
     s = bpy.context.scene.concord
     s.prompt, s.model_defaults, s.steps, s.view_resolution, s.texture_size = "brick", False, 2, 64, "256"
 

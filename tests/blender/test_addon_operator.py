@@ -25,23 +25,15 @@ from PIL import Image
 
 from tests.harness import InProcessServer, StepGate
 
+from addon_scene import addon_prefs as _prefs
+from addon_scene import import_box as _import_box
+
 pytestmark = pytest.mark.blender
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meshes"
 BOX = FIXTURES / "boxtextured" / "BoxTextured.glb"
 
 
-def _prefs(bpy):
-    return bpy.context.preferences.addons["blender_addon"].preferences
-
-
-def _import_box(bpy):
-    bpy.ops.import_scene.gltf(filepath=str(BOX))
-    ob = next(o for o in bpy.context.scene.objects if o.type == "MESH")
-    bpy.ops.object.select_all(action="DESELECT")
-    ob.select_set(True)
-    bpy.context.view_layer.objects.active = ob
-    return ob
 
 
 def _small_job(bpy, **extra):

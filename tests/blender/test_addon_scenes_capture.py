@@ -20,13 +20,12 @@ from PIL import Image
 
 from outcome import check_outcome, pooled_correlation
 
+from addon_scene import addon_prefs as _prefs
+
 pytestmark = pytest.mark.blender
 
 GOOD = 0.9  # every view of a correct result scores above this (measured 0.96-1.00)
 
-
-def _prefs(bpy):
-    return bpy.context.preferences.addons["blender_addon"].preferences
 
 
 def _setup(bpy, server, tmp_path, **extra):

@@ -25,6 +25,8 @@ import pytest
 
 from outcome import check_outcome
 
+from addon_scene import addon_prefs as _prefs
+
 pytestmark = pytest.mark.blender
 
 # Every view of a correctly textured object correlates at least this well with its generated view (the same bound
@@ -34,9 +36,6 @@ pytestmark = pytest.mark.blender
 # reopened from the copied results: 0.96-0.98.
 GOOD = 0.9
 
-
-def _prefs(bpy):
-    return bpy.context.preferences.addons["blender_addon"].preferences
 
 
 def _job(bpy, **extra):
