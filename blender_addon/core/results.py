@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULT_FILES = ("texture.png", "coverage.png", "grid.png", "transforms.json", "metrics.json")
-
 
 def safe_name(name: str) -> str:
     """An object name as a folder name: letters, digits, '-', '_' and '.' kept, the rest '_'."""

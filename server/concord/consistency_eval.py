@@ -8,6 +8,7 @@ views, the mean absolute difference between views, sRGB 0..1) of the final gener
   UV sync            UV-space synchronisation of the predicted clean latents only
   both               shared attention + UV sync
   all                both + UV-space initial noise
+  grid               grid stacking (Zero123++; every view a cell of one canvas, ordinary self-attention over it) only
 
 Used by `bench/consistency.py` (a table and JSON) and the consistency tests (bounds on the ratios). Runs the
 real job code in-process; writes only into the folder it is given.
@@ -28,6 +29,7 @@ CONFIGS: dict[str, dict] = {
     "UV sync": {"shared_attention": "off", "uv_sync": True, "uv_noise": False},
     "both": {"shared_attention": "all", "uv_sync": True, "uv_noise": False},
     "all": {"shared_attention": "all", "uv_sync": True, "uv_noise": True},
+    "grid": {"shared_attention": "all", "grid": True, "uv_sync": False, "uv_noise": False},
 }
 
 
@@ -73,7 +75,7 @@ def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, textu
         for seed in seeds:
             m = run_config(model, viewset, prompt, switches, seed, steps, texture_size,
                            out_dir / name.replace(" ", "_") / f"seed{seed}", guidance)
-            per_seed.append(m["cross_view_disagreement"]["mean_abs_difference"])
+            per_seed.append(m["disagreement"])  # the decoded views' cross-view disagreement (the headline)
             cover.append(m["coverage"])
         rows.append(
             {

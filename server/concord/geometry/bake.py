@@ -76,6 +76,8 @@ __all__ = [
     "pixel_weights",
     "scatter_mean",
     "texel_coordinates",
+    "texel_position",
+    "to_uint8",
 ]
 
 Splat = Literal["bilinear", "nearest"]
@@ -182,16 +184,29 @@ def pixel_weights(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def texel_coordinates(uv: np.ndarray, texture_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous texel coordinates (x = column, y = row, texel centres at integers) of Blender UVs.
+def texel_position(uv: np.ndarray, texture_size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Where Blender UVs land in a stored S x S (or H x W, ``texture_size=(H, W)``) texture, in texels from its
+    top-left corner (float64).
 
-    ``x = frac(u) * S - 0.5``, ``y = (1 - frac(v)) * S - 0.5`` (row 0 = top row of the stored texture).
+    ``x = frac(u) * W`` (column), ``y = (1 - frac(v)) * H`` (row): UVs wrap modulo 1, and Blender's UV origin is
+    the bottom-left while row 0 is the stored image's top row, so v is flipped. Texel (row, col) covers
+    [col, col + 1) x [row, row + 1); ``floor`` gives the texel a UV falls in. The one texel-row formula of the
+    server (the baker here, the UV noise in ``concord.noise.uv_noise``, the renderer's texture lookup).
     """
     uv = np.asarray(uv, dtype=np.float64)
-    u = np.mod(uv[..., 0], 1.0)
-    v = np.mod(uv[..., 1], 1.0)
-    s = float(texture_size)
-    return u * s - 0.5, (1.0 - v) * s - 0.5
+    if isinstance(texture_size, (tuple, list)):
+        h, w = float(texture_size[0]), float(texture_size[1])
+    else:
+        h = w = float(texture_size)
+    return np.mod(uv[..., 0], 1.0) * w, (1.0 - np.mod(uv[..., 1], 1.0)) * h
+
+
+def texel_coordinates(uv: np.ndarray, texture_size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous texel coordinates (x = column, y = row, texel centres at integers) of Blender UVs:
+    :func:`texel_position` - 0.5, i.e. ``x = frac(u) * S - 0.5``, ``y = (1 - frac(v)) * S - 0.5``.
+    """
+    x, y = texel_position(uv, texture_size)
+    return x - 0.5, y - 0.5
 
 
 @dataclass
@@ -614,6 +629,12 @@ def images_to_float(images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint16:
         return images.astype(np.float32) / 65535.0
     return images.astype(np.float32, copy=False)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 0..255 (clipped, rounded to nearest): the inverse of :func:`images_to_float` for
+    uint8, used wherever a texture or view is written as an 8-bit PNG."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def bake_views(

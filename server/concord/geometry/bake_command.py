@@ -63,7 +63,7 @@ def write_textured_glb(mesh: Mesh, texture: np.ndarray, path: str | Path) -> Pat
     from trimesh.visual.material import PBRMaterial
     from trimesh.visual.texture import TextureVisuals
 
-    image = Image.fromarray(_to_uint8(texture))
+    image = Image.fromarray(B.to_uint8(texture))
     vertices, normals = mesh.vertices, mesh.normals
     if tuple(mesh.up) == (0.0, 0.0, 1.0):
         vertices = vertices @ _Y_UP_FROM_Z_UP.T
@@ -80,9 +80,6 @@ def write_textured_glb(mesh: Mesh, texture: np.ndarray, path: str | Path) -> Pat
     tm.export(path, file_type="glb")
     return path
 
-
-def _to_uint8(texture: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(texture, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def run_bake(
@@ -166,7 +163,7 @@ def run_bake(
         "mesh": out / "textured.glb",
         "metrics": out / "metrics.json",
     }
-    Image.fromarray(_to_uint8(result.texture)).save(paths["texture"])
+    Image.fromarray(B.to_uint8(result.texture)).save(paths["texture"])
     Image.fromarray(coverage_image(result.coverage, surface)).save(paths["coverage"])
     write_textured_glb(mesh, result.texture, paths["mesh"])
     timings["write_s"] = time.perf_counter() - t0

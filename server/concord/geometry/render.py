@@ -23,8 +23,8 @@ Geometry is recentred on its bounding-box centre before building the embree scen
 this keeps precision for meshes far from the origin). Without embreex, trimesh's pure-numpy intersector is used
 with a warning (about 500x slower).
 
-Also here: :func:`sample_texture`, bilinear texture lookup in Blender's UV convention with wrapping, shared
-with baking.
+Also here: :func:`sample_texture`, bilinear texture lookup in Blender's UV convention with wrapping; its texel
+coordinates are the baker's (:func:`concord.geometry.bake.texel_coordinates`), one formula for both.
 
 Layer rule: numpy, trimesh, embreex. No bpy, no torch.
 """
@@ -36,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .bake import texel_coordinates
 from .mesh import Mesh
 from .viewset import ViewSet
 
@@ -92,17 +93,14 @@ def render_views(
         raise ValueError("the mesh has no UVs (load it with unwrap=True)")
 
     center = 0.5 * (mesh.vertices.min(axis=0) + mesh.vertices.max(axis=0))
-    # pixel centres (c + 0.5, r + 0.5, 1), shared by all views; per view d = (R^T K^-1) pix, unit camera z
-    cols, rows = np.meshgrid(np.arange(width, dtype=np.float32) + 0.5, np.arange(height, dtype=np.float32) + 0.5)
-    pix = np.stack([cols.ravel(), rows.ravel(), np.ones(HW, np.float32)], axis=1)
+    # one ray per pixel centre and view (`pixel_rays`: d = R^T K^-1 (c + 0.5, r + 0.5, 1), unit camera z), in
+    # float32 for the ray caster, the origin relative to the mesh's centre
     origins = np.empty((V * HW, 3), dtype=np.float32)
     dirs = np.empty((V * HW, 3), dtype=np.float32)
     for k, (K, T) in enumerate(cams):
-        R, t = T[:3, :3], T[:3, 3]
-        M = (R.T @ np.linalg.inv(K)).astype(np.float32)
-        np.matmul(pix, M.T, out=dirs[k * HW : (k + 1) * HW])
-        origins[k * HW : (k + 1) * HW] = -R.T @ t - center
-    del pix
+        origin, d = pixel_rays(K, T, width, height)
+        dirs[k * HW : (k + 1) * HW] = d
+        origins[k * HW : (k + 1) * HW] = origin - center
 
     tri_local = (mesh.vertices - center)[mesh.faces]
     face, b1, b2, tfar, ng = _cast(tri_local, origins, dirs)
@@ -210,9 +208,7 @@ def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
     if tex.ndim == 2:
         tex = tex[..., None]
     H, W = tex.shape[:2]
-    uv = np.asarray(uv, dtype=np.float64)
-    x = uv[..., 0] * W - 0.5
-    y = (1.0 - uv[..., 1]) * H - 0.5
+    x, y = texel_coordinates(uv, (H, W))  # frac(u) W - 0.5, (1 - frac(v)) H - 0.5
     x0 = np.floor(x)
     y0 = np.floor(y)
     fx = (x - x0)[..., None]

@@ -13,20 +13,17 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+# `JobInputError` lives in the neutral `concord.errors` (pipelines and the model registry raise it too); it is
+# re-exported here because the job system's callers have always imported it from this module.
+from concord.errors import JobInputError
+
+__all__ = ["JobCancelled", "JobContext", "JobInputError", "ProgressFn"]
+
 ProgressFn = Callable[[str, int, int, str], None]  # stage, step, total, message
 
 
 class JobCancelled(Exception):
     """Raised inside a job when the user cancelled it."""
-
-
-class JobInputError(ValueError):
-    """The job's inputs are wrong in a way only the pipeline could see; the message tells the user what to do."""
-
-    def __init__(self, message: str, field: str | None = None, hint: str | None = None):
-        super().__init__(message)
-        self.field = field
-        self.hint = hint
 
 
 class JobContext:

@@ -2,7 +2,8 @@
 
 - `concord.micro.data`: the procedural training data (flat-coloured primitives, depth, prompts).
 - `concord.micro.model`: the model (diffusers UNet + tiny CLIP text encoder + word tokenizer), `MicroPipeline`,
-  and the multi-view sampler's parts (`micro_parts`, `micro_conditioning`, `micro_codec`).
+  and the multi-view sampler's parts (`micro_parts`, `micro_conditioning`, `micro_codec`; `micro_model_parts` is
+  the factory the model registry names for kind "micro": nothing in `concord.pipelines` imports this package).
 - `concord.micro.train`: `concord train-micro` (resumable training).
 - `concord.micro.evaluate`: colour / background / pattern accuracy on held-out samples.
 

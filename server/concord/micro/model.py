@@ -32,7 +32,10 @@ Architecture (every part a diffusers / transformers class):
 `MicroPipeline(DiffusionPipeline)` mirrors the depth ControlNet pipeline's call closely enough for the
 `depth_image` job (prompt, negative_prompt, image=control image, depth=planar z, steps, guidance, generator,
 output_type, callback_on_step_end with `_interrupt`). `micro_parts(pipe)` gives the multi-view sampler its
-`DiffusionParts` (a `MicroDenoiser`, the codec, the scheduler config, the text encoder).
+`DiffusionParts` (a `MicroDenoiser`, the codec, the scheduler config, the text encoder); `micro_model_parts` is
+the same for a loaded model, the factory the model registry names for kind "micro"
+(`concord.models.registry.PARTS_FACTORIES`). This module implements the sampler's interfaces
+(`concord.pipelines.denoiser`); nothing there imports this module back (ARCHITECTURE rule 12).
 
 What this module must never do: download anything, touch the filesystem outside `save_pretrained` /
 `from_pretrained`, or change a model it did not build (no offload, no scheduler swap, no dtype moves).
@@ -72,6 +75,7 @@ __all__ = [
     "MicroPipeline",
     "MicroDenoiser",
     "micro_parts",
+    "micro_model_parts",
     "load_micro",
 ]
 
@@ -481,6 +485,12 @@ def micro_parts(pipe: MicroPipeline) -> DiffusionParts:
         device=torch.device(pipe.device),
         kind="micro",
     )
+
+
+def micro_model_parts(model, conditioning_scale: float = 1.0) -> DiffusionParts:
+    """The registry's parts factory for kind "micro": `micro_parts(model.pipe)`. `conditioning_scale` does not
+    apply (the depth is concatenated, there is no ControlNet to scale)."""
+    return micro_parts(model.pipe)
 
 
 def load_micro(path: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32) -> MicroPipeline:

@@ -21,6 +21,12 @@ kind's (`KIND_RECOMMENDED`). Jobs that leave a setting out get the loaded model'
 
 Half precision on CUDA, fp32 on the CPU. Loading happens only when `load_model` is called (the app's lifespan or
 the CLI), never at import.
+
+The registry is the one place that knows the concrete models (ARCHITECTURE rule 12): how each kind loads
+(`load_model`; micro through `_load_folder` alone) and which factory builds the multi-view sampler's parts for it
+(`PARTS_FACTORIES`, used by `concord.pipelines.denoiser.denoiser_from_model`). It names those factories as
+"module:function" and imports them on first use, so importing the registry imports neither torch nor a model
+package, and `concord.pipelines` can consult it without an import circle.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from concord.errors import JobInputError
 from concord.models.recommended import RecommendedSettings
 
 log = logging.getLogger(__name__)
@@ -128,6 +136,39 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULT_MODEL = "micro"  # shipped, trained; `tiny` stays for the fastest tests
+
+
+def _sdxl_parts(model, conditioning_scale: float = 1.0):
+    raise JobInputError(
+        "the texture job does not support SDXL models yet",
+        "model",
+        "start the server with an SD1.5/SD2 depth model (sd15-depth, sd2-depth) or tiny",
+    )
+
+
+# Model kind -> the factory `(model, conditioning_scale) -> DiffusionParts` that gives the multi-view sampler its
+# codec, denoiser, scheduler config and text encoder (`concord.pipelines.denoiser`). Named "module:function" and
+# imported on first use (`parts_factory`): the diffusers architectures' factories live in the sampler's layer,
+# a Concord model's in its own package. SDXL's text conditioning (two encoders, pooled embeddings, size/crop ids)
+# is not wired yet: its factory refuses clearly.
+PARTS_FACTORIES: dict[str, str | Callable] = {
+    "controlnet": "concord.pipelines.denoiser:controlnet_parts",
+    "depth2img": "concord.pipelines.denoiser:depth_concat_parts",
+    "sdxl-controlnet": _sdxl_parts,
+    "micro": "concord.micro.model:micro_model_parts",
+}
+
+
+def parts_factory(kind: str) -> Callable:
+    """The factory that builds a model of `kind`'s `DiffusionParts` (see `PARTS_FACTORIES`); JobInputError (field
+    "model") for a kind the texture job cannot run."""
+    factory = PARTS_FACTORIES.get(kind)
+    if factory is None:
+        runnable = ", ".join(k for k, f in PARTS_FACTORIES.items() if f is not _sdxl_parts)
+        raise JobInputError(
+            f"model kind {kind!r} cannot run the texture job", "model", f"use a model of kind {runnable}"
+        )
+    return pkgutil.resolve_name(factory) if isinstance(factory, str) else factory
 
 
 @dataclass
@@ -316,11 +357,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", config: str | No
             ok, reason = offline_status(name)
             if not ok:
                 raise ModelUnavailable(f"Model {name!r} cannot load: {reason}")
-            from concord.micro.model import load_micro
-
-            pipe = load_micro(_shipped_weights(name))
-            if dtype != torch.float32:
-                pipe.to(dtype=dtype)
+            pipe, _ = _load_folder(_shipped_weights(name), dtype)
             sources = [str(_shipped_weights(name))]
         else:
             ok, reason = offline_status(name)

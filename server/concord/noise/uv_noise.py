@@ -57,7 +57,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..geometry.sync import MAX_TEXTURE_SIZE, footprint_texture_size, latent_blocks, latent_foreground
+from ..geometry.bake import texel_position
+from ..geometry.sync import MAX_TEXTURE_SIZE, footprint_texture_size, latent_foreground
 
 __all__ = [
     "matched_noise_texture_size",
@@ -124,8 +125,7 @@ def uv_noise_texels(
     uvf = uv.reshape(-1, 2)
     sel = mask.reshape(-1) & np.isfinite(uvf).all(-1)
     pix = np.flatnonzero(sel)  # flat index into (V, H, W), increasing
-    x = np.mod(uvf[pix, 0].astype(np.float64), 1.0) * s
-    y = (1.0 - np.mod(uvf[pix, 1].astype(np.float64), 1.0)) * s
+    x, y = texel_position(uvf[pix], s)  # texels from the top-left corner (Blender's v flipped)
     col = np.minimum(np.floor(x), s - 1)
     row = np.minimum(np.floor(y), s - 1)
     d2 = (x - col - 0.5) ** 2 + (y - row - 0.5) ** 2  # squared distance to the texel centre, texel units, <= 0.5

@@ -15,12 +15,16 @@ reaches into a UNet, a VAE or a text encoder. It sees:
 - pure conversion helpers (`x0_and_eps_from_output`, `output_from_x0_and_eps`, `eps_from_x0`, `ddim_step`) with
   the formulas written above them.
 
-`denoiser_from_model(loaded_model)` assembles the parts from a `LoadedModel` of kind `controlnet` or `depth2img`.
-SDXL (`sdxl-controlnet`) is refused with a clear JobInputError: its text conditioning (two encoders, pooled
-embeddings, size/crop ids) is not wired yet.
+`denoiser_from_model(loaded_model)` assembles the parts through the model registry's table "kind -> parts
+factory" (`concord.models.registry.PARTS_FACTORIES`, ARCHITECTURE rule 12). This module holds the factories of
+the two diffusers architectures: `controlnet_parts` (UNet + depth ControlNet + VAE + CLIP) and
+`depth_concat_parts` (SD2-depth: depth concatenated to the UNet input); a concrete model (e.g. `micro`) brings its
+own factory in its own package, and the registry names it. SDXL is refused there with a clear JobInputError.
 
 What this module must never do: change a model it is given (no offload, no scheduler swap, no attention processor
-installation, no dtype/device moves), perform I/O, or know about views, grids or UV maps.
+installation, no dtype/device moves), perform I/O, know about views, grids or UV maps, or import a concrete model
+(`concord.micro`, `concord.models.tiny`) or dispatch on model kinds: those are the registry's
+(tests/server/test_layering.py checks the imports).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from concord.jobs.context import JobInputError
+from concord.errors import JobInputError
+from concord.models.registry import parts_factory
 
 __all__ = [
     "Codec",
@@ -42,6 +47,8 @@ __all__ = [
     "ConcatDenoiser",
     "DiffusionParts",
     "denoiser_from_model",
+    "controlnet_parts",
+    "depth_concat_parts",
     "encode_prompt",
     "x0_and_eps_from_output",
     "output_from_x0_and_eps",
@@ -326,22 +333,14 @@ class DiffusionParts:
 
 
 def denoiser_from_model(model, conditioning_scale: float = 1.0) -> DiffusionParts:
-    """Build codec + denoiser + text encoding from a `LoadedModel` (kinds `controlnet`, `depth2img`, `micro`).
+    """Codec + denoiser + text encoding for a `LoadedModel` (or anything with `kind`, `pipe` and `device`), built
+    by the factory the model registry names for its kind (`concord.models.registry.parts_factory`). Reads the
+    pipe's components; changes none of them. Raises JobInputError for a kind that cannot run the texture job."""
+    return parts_factory(model.kind)(model, conditioning_scale)
 
-    Reads the pipe's components; changes none of them. The prediction type is the scheduler config's."""
-    pipe = model.pipe
-    if model.kind == "micro":
-        # Concord's pixel-space model brings its own parts (pixel-unshuffle codec, depth concatenated):
-        # the same sampler runs it unchanged (ARCHITECTURE rule 7).
-        from concord.micro.model import micro_parts
 
-        return micro_parts(pipe)
-    if model.kind == "sdxl-controlnet":
-        raise JobInputError(
-            "the texture job does not support SDXL models yet",
-            "model",
-            "start the server with an SD1.5/SD2 depth model (sd15-depth, sd2-depth) or tiny",
-        )
+def _scheduler_prediction(pipe) -> tuple[dict, str]:
+    """The scheduler config and the prediction type it names, refused clearly if the sampler cannot use it."""
     scheduler_config = dict(pipe.scheduler.config)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
@@ -350,16 +349,12 @@ def denoiser_from_model(model, conditioning_scale: float = 1.0) -> DiffusionPart
             "model",
             f"use a model whose scheduler predicts one of {', '.join(PREDICTION_TYPES)}",
         )
-    if model.kind == "controlnet":
-        controlnet = pipe.controlnet
-        if isinstance(controlnet, (list, tuple)) or type(controlnet).__name__ == "MultiControlNetModel":
-            raise JobInputError("several ControlNets are not supported by the texture job", "model")
-        denoiser: Denoiser = ControlNetDenoiser(pipe.unet, controlnet, conditioning_scale, prediction_type)
-    elif model.kind == "depth2img":
-        denoiser = ConcatDenoiser(pipe.unet, prediction_type)
-    else:
-        raise JobInputError(f"model kind {model.kind!r} cannot run the texture job", "model")
-    codec = VaeCodec(pipe.vae)
+    return scheduler_config, prediction_type
+
+
+def _vae_clip_parts(model, denoiser: Denoiser, scheduler_config: dict) -> DiffusionParts:
+    """A Stable Diffusion pipe's VAE and CLIP text encoder around `denoiser`."""
+    pipe = model.pipe
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
 
     def encode_text(prompts: Sequence[str]) -> torch.Tensor:
@@ -367,9 +362,28 @@ def denoiser_from_model(model, conditioning_scale: float = 1.0) -> DiffusionPart
 
     return DiffusionParts(
         denoiser=denoiser,
-        codec=codec,
+        codec=VaeCodec(pipe.vae),
         scheduler_config=scheduler_config,
         encode_text=encode_text,
         device=torch.device(model.device),
         kind=model.kind,
     )
+
+
+def controlnet_parts(model, conditioning_scale: float = 1.0) -> DiffusionParts:
+    """Parts of a Stable Diffusion + depth ControlNet pipe (diffusers' StableDiffusionControlNetPipeline)."""
+    pipe = model.pipe
+    scheduler_config, prediction_type = _scheduler_prediction(pipe)
+    controlnet = pipe.controlnet
+    if isinstance(controlnet, (list, tuple)) or type(controlnet).__name__ == "MultiControlNetModel":
+        raise JobInputError("several ControlNets are not supported by the texture job", "model")
+    denoiser = ControlNetDenoiser(pipe.unet, controlnet, conditioning_scale, prediction_type)
+    return _vae_clip_parts(model, denoiser, scheduler_config)
+
+
+def depth_concat_parts(model, conditioning_scale: float = 1.0) -> DiffusionParts:
+    """Parts of a pipe whose UNet takes the depth as extra input channels (StableDiffusionDepth2ImgPipeline).
+    `conditioning_scale` does not apply (there is no ControlNet to scale)."""
+    pipe = model.pipe
+    scheduler_config, prediction_type = _scheduler_prediction(pipe)
+    return _vae_clip_parts(model, ConcatDenoiser(pipe.unet, prediction_type), scheduler_config)

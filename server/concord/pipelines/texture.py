@@ -3,20 +3,30 @@
 Inputs: a ViewSet (`concord.geometry.viewset`, the array contract) and `TextureParams` (`api/schemas.py`); optionally
 the mesh's `triangles` and `triangle_uv`, without which metrics.json's `coverage` (the share of UV-island texels the
 views see, `concord.geometry.metrics.surface_coverage`) is null. The sampler
-is Concord's own DDIM loop (Song et al. 2021) over all views at once, on the scheduler config of the loaded pipe,
-talking only to a `Codec` and a `Denoiser` (`concord.pipelines.denoiser`, ARCHITECTURE rule 7). What makes the views
+is the one loop every job kind shares (`concord.pipelines.sampler.sample`, ARCHITECTURE rule 11) over all views at
+once, stepping a private copy of the loaded model's own diffusers scheduler (DDIM by default; its `clip_sample`,
+thresholding and the like in force), talking only to a `Codec` and a `Denoiser` (`concord.pipelines.denoiser`,
+ARCHITECTURE rule 7); the consistency methods below are its hooks. What makes the views
 agree, each switch independent of the others (`ConsistencyOptions`):
 
 - **grid stacking** (Zero123++, Shi et al. 2023): views tiled row-major into one rows x cols latent canvas per CFG
   half, control maps tiled the same way; untiled after every denoiser call (`tile_views` / `untile_views`). Empty
-  cells (rows * cols > V) hold extra "filler" views: noise that is denoised along and dropped at the end.
+  cells (rows * cols > V) hold extra "filler" views: noise that is denoised along and dropped at the end,
+  conditioned as an all-background view (the background's control map, prepared like the others).
 - **shared attention** (MATH.md section 3): `concord.attention.extended.extended_attention` on the UNet and ControlNet;
-  groups are the V views of one CFG half (with the grid on: each canvas alone, `num_views=1`).
+  groups are the V views of one CFG half (with the grid on: each canvas alone, `num_views=1`; "reference" mode is
+  refused on a grid, JobInputError).
 - **UV-space initial noise** (MATH.md section 1): `concord.noise.uv_noise.uv_space_noise`, or iid.
 - **UV sync** (MATH.md section 2; MultiDiffusion, Bar-Tal et al. 2023; SyncMVD, Liu et al. 2023): each step's
   predicted clean latents are averaged on the surface (`concord.geometry.sync.LatentSync`) for steps in
-  [sync_start, sync_end) * steps, then the DDIM step is taken from the synced x0 (`synced_ddim_step`).
-- **loss guidance** (MATH.md section 4; SyncDiffusion, Lee et al. 2023): `loss_guidance_gradient`, early steps only.
+  [sync_start, sync_end) * steps (the sampler's `after_x0` hook); the scheduler's step is then taken from the
+  synced x0, passed back as a model output of the scheduler's prediction type with the noise re-derived from x_t
+  (for DDIM exactly `synced_ddim_step`).
+- **loss guidance** (MATH.md section 4; SyncDiffusion, Lee et al. 2023): `loss_guidance_gradient`, early steps only
+  (the sampler's `before_denoise` hook).
+
+metrics.json's headline `disagreement` is the decoded views' cross-view disagreement (MATH.md section 6);
+`latent_disagreement_through_sync_index` is measured through UV sync's own index (near zero whenever sync ran).
 
 Result files (in `ctx.out_dir`): `texture.png`, `coverage.png`, `views/view_XX.png`, `grid.png` (views tiled, the
 control maps tiled below them), `transforms.json` (the rig, for `concord bake`), `metrics.json` (its `settings`:
@@ -56,6 +66,7 @@ __all__ = [
     "loss_guidance_gradient",
     "downsampled_l2",
     "picture_grid",
+    "state_control",
     "RESULT_FILES",
 ]
 
@@ -130,6 +141,7 @@ def check_inputs(params: TextureParams, arrays: dict[str, np.ndarray]) -> None:
         raise JobInputError(
             "shared_attention 'reference' needs at least one reference view", "params.consistency.reference_views"
         )
+    _check_reference_grid(c)
     try:
         grid_shape(v, c.grid_rows, c.grid_cols)
     except ValueError as exc:
@@ -139,6 +151,20 @@ def check_inputs(params: TextureParams, arrays: dict[str, np.ndarray]) -> None:
             f"sync_start ({c.sync_start}) is after sync_end ({c.sync_end})",
             "params.consistency.sync_start",
             "UV sync runs for steps in [sync_start, sync_end) x steps",
+        )
+
+
+def _check_reference_grid(c) -> None:
+    """Reference attention cannot be expressed on a grid: the views are cells of one canvas, whose self-attention
+    tokens (at every UNet level, after convolutions that cross the cells' borders) do not belong to one view, so
+    "attend only to the reference views' keys" has no key set to restrict to."""
+    if c.grid and c.shared_attention == "reference":
+        raise JobInputError(
+            "shared_attention 'reference' does not work with grid stacking: the grid puts every view into one "
+            "canvas, so there are no separate reference views to attend to",
+            "params.consistency.shared_attention",
+            "use shared_attention 'all' (on a grid that is ordinary self-attention over the whole canvas) or 'off' "
+            "with the grid, or turn the grid off to use reference views",
         )
 
 
@@ -250,6 +276,20 @@ def loss_guidance_gradient(
     return grad
 
 
+def state_control(den, control, n_state: int, latent_hw: tuple[int, int]):
+    """The denoiser's prepared control (n_state, ...) for V view control maps (V, 1, H, W) in [0, 1] (0 =
+    background) and n_state - V grid filler cells. The fillers are conditioned as an all-background view: the
+    background's control map (all 0) is padded BEFORE `prepare_control`, so every codec kind sees its own "no
+    object" value there (ControlNet: 0; depth-concatenating SD2-depth and micro: -1), never a padded 0 that a
+    concatenating model reads as mid-depth."""
+    import torch
+
+    v = control.shape[0]
+    if n_state > v:
+        control = torch.cat([control, control.new_zeros((n_state - v, *control.shape[1:]))], 0)
+    return den.prepare_control(control, latent_hw)
+
+
 def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) picture, row-major, black where no image."""
     t = tile_views(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), rows, cols, fill=0)
@@ -272,14 +312,17 @@ def run(
     *,
     distance: Callable | None = None,
     parts=None,
+    scheduler=None,
 ) -> dict:
     """Generate the views, bake them, write the result files into ctx.out_dir. Returns the metrics dict.
 
     `distance`: loss guidance's perceptual distance (default `downsampled_l2`). `parts`: a
     `concord.pipelines.denoiser.DiffusionParts` to use instead of `denoiser_from_model(model)` (another codec or
-    denoiser, e.g. a pixel-space model; `model` then only names it in metrics.json)."""
+    denoiser, e.g. a pixel-space model; `model` then only names it in metrics.json). `scheduler`: a diffusers
+    scheduler class (or an instance: its class) to step with instead of the model's own scheduler class, on the
+    model's scheduler config (default: the class of `model.pipe.scheduler`, else the config's, else DDIM)."""
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler
     from PIL import Image
 
     from concord.geometry.bake import bake_views
@@ -288,10 +331,12 @@ def run(
     from concord.geometry.viewset import ViewSet
     from concord.models.recommended import resolve_job_settings, view_size_note
     from concord.models.registry import model_settings
-    from concord.pipelines.denoiser import ddim_step, denoiser_from_model, x0_and_eps_from_output
+    from concord.pipelines.denoiser import denoiser_from_model
+    from concord.pipelines.sampler import Hooks, fresh_scheduler, sample
 
     timings: dict[str, float] = {}
     c = params.consistency
+    _check_reference_grid(c)
     vs = ViewSet.from_arrays({k: a for k, a in arrays.items() if k not in SURFACE_ARRAYS}, validate=False)
     V, H, W = vs.num_views, vs.height, vs.width
 
@@ -315,22 +360,17 @@ def run(
     cfg = params.guidance > 1.0
     groups = 2 if cfg else 1
 
-    scheduler = DDIMScheduler.from_config(parts.scheduler_config)
-    scheduler.set_timesteps(params.steps, device=device)
-    timesteps = scheduler.timesteps
-    alphas = scheduler.alphas_cumprod.float().cpu()
-    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-
-    def abar_at(t: int) -> float:
-        return float(alphas[t]) if t >= 0 else float(scheduler.final_alpha_cumprod)
+    # A private copy of the model's own scheduler (its class and config): clip_sample, thresholding, timestep
+    # spacing and the scheduler kind are the model's, as in its own pipeline (ARCHITECTURE rule 11).
+    base = scheduler if scheduler is not None else getattr(getattr(model, "pipe", None), "scheduler", None)
+    if base is None:
+        base = getattr(diffusers, dict(parts.scheduler_config).get("_class_name") or "DDIMScheduler")
+    sched = fresh_scheduler(base if isinstance(base, type) else type(base), parts.scheduler_config)
 
     text = parts.text_embeddings(params.prompt, params.negative_prompt, guidance=cfg).to(device)
 
     control_np = np.stack([depth_to_control(d) for d in vs.depth])  # (V, H, W) in [0, 1]
-    control = torch.from_numpy(control_np)[:, None].to(device)
-    control = den.prepare_control(control, (h, w))
-    if n_state > V:
-        control = torch.cat([control, control.new_zeros((n_state - V, *control.shape[1:]))], 0)
+    control = state_control(den, torch.from_numpy(control_np)[:, None].to(device), n_state, (h, w))
     if grid:
         control_in = tile_views(control, rows, cols).repeat(groups, 1, 1, 1)
     else:
@@ -351,12 +391,11 @@ def run(
         noise = torch.randn((V, C, h, w), generator=gen, dtype=torch.float32)
     if n_state > V:
         noise = torch.cat([noise, torch.randn((n_state - V, C, h, w), generator=gen, dtype=torch.float32)], 0)
-    x = noise.to(device) * float(scheduler.init_noise_sigma)
     timings["encoding_s"] = time.perf_counter() - t0
 
-    def model_output(x_t, t):
-        """The guided model output for every state view (n_state, C, h, w), float32."""
-        xin = scheduler.scale_model_input(x_t, t).repeat(groups, 1, 1, 1)
+    def model_output(xin, t):
+        """The guided model output for every state view (n_state, C, h, w), float32, on the scaled input."""
+        xin = xin.repeat(groups, 1, 1, 1)
         if grid:
             xin = torch.cat([tile_views(xg, rows, cols) for xg in xin.chunk(groups)])
         out = den.predict(xin, t, emb, control_in).float()
@@ -373,50 +412,53 @@ def run(
     if c.shared_attention != "off":
         from concord.attention.extended import extended_attention
 
-        refs = None if (c.shared_attention == "all" or grid) else list(c.reference_views)
+        refs = None if c.shared_attention == "all" else list(c.reference_views)
         attention = extended_attention(den.modules, 1 if grid else n_state, reference_views=refs, chunk_size=c.attention_chunk)
     else:
         attention = contextlib.nullcontext()
 
-    lg_steps = math.ceil(c.loss_guidance_until * params.steps) if c.loss_guidance else 0
+    lg_window = math.ceil(c.loss_guidance_until * params.steps) if c.loss_guidance else 0
+    lg_on = lg_window > 0 and c.loss_guidance_scale > 0 and V > 1  # what actually runs (reported as such)
     dist = distance or downsampled_l2
-    synced_steps = 0
+    counts = {"synced": 0, "guided": 0}
+    lg_seconds = [0.0]
+
+    # The consistency methods, as hooks of the one sampler loop (concord.pipelines.sampler).
+    def before_denoise(info, x):  # loss guidance (SyncDiffusion), early steps only
+        if not (lg_on and info.index < lg_window):
+            return x
+        tg = time.perf_counter()
+        grad = loss_guidance_gradient(x, info.predict_x0, decode, dist, anchor=0, views=V)
+        lg_seconds[0] += time.perf_counter() - tg
+        counts["guided"] += 1
+        ctx.raise_if_cancelled()
+        return x - c.loss_guidance_scale * grad
+
+    def after_x0(info, x0):  # UV sync: average the clean-latent predictions on the surface
+        if not (c.uv_sync and sync_active(info.index, params.steps, c.sync_start, c.sync_end)):
+            return x0
+        x0 = x0.clone()
+        x0[:V] = sync.sync(x0[:V])
+        counts["synced"] += 1
+        return x0
+
+    hooks = Hooks(before_step=lambda i: ctx.raise_if_cancelled(), before_denoise=before_denoise, after_x0=after_x0,
+                  after_step=ctx.advance)
     ctx.stage("denoising", total=params.steps)
     t0 = time.perf_counter()
-    lg_seconds = 0.0
     with attention, torch.no_grad():
-        for i, t in enumerate(timesteps):
-            ctx.raise_if_cancelled()
-            ti = int(t)
-            abar, abar_prev = abar_at(ti), abar_at(ti - stride)
-            if i < lg_steps and c.loss_guidance_scale > 0 and V > 1:
-                tg = time.perf_counter()
-
-                def predict_x0(xx, _t=t, _a=abar):
-                    return x0_and_eps_from_output(model_output(xx, _t), xx, _a, den.prediction_type)[0]
-
-                grad = loss_guidance_gradient(x, predict_x0, decode, dist, anchor=0, views=V)
-                x = x - c.loss_guidance_scale * grad
-                lg_seconds += time.perf_counter() - tg
-                ctx.raise_if_cancelled()
-            out = model_output(x, t)
-            x0, eps = x0_and_eps_from_output(out, x, abar, den.prediction_type)
-            if c.uv_sync and sync_active(i, params.steps, c.sync_start, c.sync_end):
-                x0 = x0.clone()
-                x0[:V] = sync.sync(x0[:V])
-                x = synced_ddim_step(x, x0, abar, abar_prev)
-                synced_steps += 1
-            else:
-                x = ddim_step(x0, eps, abar_prev)
-            ctx.advance(i + 1)
+        x = sample(model_output, sched, noise, params.steps, hooks, generator=gen, device=device, copy_scheduler=False)
+    synced_steps, lg_steps = counts["synced"], counts["guided"]
     timings["denoising_s"] = time.perf_counter() - t0
     if lg_steps:
-        timings["loss_guidance_s"] = lg_seconds
+        timings["loss_guidance_s"] = lg_seconds[0]
     ctx.raise_if_cancelled()
 
     ctx.stage("decoding", total=V)
     t0 = time.perf_counter()
     latents = x[:V]
+    # Measured through the same latent-pixel -> texel index UV sync averages through, so with sync on it is near
+    # zero by construction: a diagnostic of the sync itself, not of how well the views agree (that is `disagreement`).
     latent_disagreement = float(sync.disagreement(latents))
     images = []
     with torch.no_grad():
@@ -464,11 +506,15 @@ def run(
         "latent_size": [w, h],
         "texture_size": params.texture_size,
         **coverage_metrics(bake.coverage, surface),  # coverage of the UV islands, or None without triangles
+        # the headline: the decoded views' cross-view disagreement (MATH.md section 6; sRGB 0..1, each view baked
+        # alone, texels seen by 2+ views), the full record below it
+        "disagreement": disagreement.as_dict()["mean_abs_difference"],
         "cross_view_disagreement": disagreement.as_dict(),
-        "latent_disagreement": latent_disagreement,
+        "latent_disagreement_through_sync_index": latent_disagreement,
         "grid": [rows, cols] if grid else None,
-        "synced_steps": synced_steps,
-        "loss_guided_steps": lg_steps,
+        "synced_steps": synced_steps,  # steps whose x0 UV sync averaged
+        "loss_guided_steps": lg_steps,  # steps that ran loss guidance (0 when it was off or had nothing to move)
+        "scheduler": type(sched).__name__,
         "prediction_type": den.prediction_type,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "params": params.model_dump(mode="json"),
