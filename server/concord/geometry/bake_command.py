@@ -81,7 +81,6 @@ def write_textured_glb(mesh: Mesh, texture: np.ndarray, path: str | Path) -> Pat
     return path
 
 
-
 def run_bake(
     mesh_path: str | Path,
     transforms_path: str | Path,
