@@ -1,5 +1,6 @@
 """Consistency measured on the shipped `micro` model: cross-view disagreement of six generated views of a
-fixture mesh for independent generation, shared attention alone, UV sync alone, both, and all (with UV noise).
+fixture mesh for independent generation, shared attention alone, UV sync alone, both, all (with UV noise), and
+grid stacking alone (`concord.consistency_eval.CONFIGS`).
 
     .venv/bin/python bench/consistency.py [--model micro] [--seeds 3] [--steps 20] [--size 64]
 

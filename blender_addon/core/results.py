@@ -35,15 +35,32 @@ def result_folder(blend_filepath: str, object_name: str, now: float | None = Non
         root = Path(blend_filepath).resolve().parent / "concord"
     else:
         root = temp_results_root(temp_root)
-    return _unused(root / f"{safe_name(object_name)}_{stamp}")
+    return reserve_folder(root / f"{safe_name(object_name)}_{stamp}")
 
 
-def _unused(base: Path) -> Path:
+def reserve_folder(base: Path) -> Path:
+    """Create and return ``base``, or ``base-1``, ``base-2``, ... if taken: the folder is made here, with one atomic
+    ``mkdir`` per try, so two jobs (or two Blender sessions sharing the temp folder) started in the same second never
+    pick the same folder. It starts empty; :func:`discard_if_empty` removes it again if the job gives nothing."""
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists() or path.with_name(path.name + ".partial").exists():
+    while True:
+        if not path.with_name(path.name + ".partial").exists():
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                pass
         path = base.with_name(f"{base.name}-{i}")
         i += 1
-    return path
+
+
+def discard_if_empty(folder: str | Path) -> None:
+    """Remove a reserved result folder that stayed empty (the job failed or was cancelled); keep anything else."""
+    try:
+        Path(folder).rmdir()
+    except OSError:  # not empty, already gone, or not ours to remove
+        pass
 
 
 def temp_results_root(temp_root: str | None = None) -> Path:
@@ -69,14 +86,15 @@ def relocate_result(folder: str | Path, blend_filepath: str) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"the result folder {folder} no longer exists")
-    target = _unused(Path(blend_filepath).resolve().parent / "concord" / folder.name)
+    target = reserve_folder(Path(blend_filepath).resolve().parent / "concord" / folder.name)
     partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(folder, partial)
+        target.rmdir()  # the reserved, empty folder makes way for the complete copy
         os.replace(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        discard_if_empty(target)
         raise
     return target
 

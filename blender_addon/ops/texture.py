@@ -479,6 +479,8 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
             job.session.close()
         if job is not None and job.worker is not None and not job.worker.finished:
             job.worker.cancel()  # whatever ended the run, the job must not go on running on the server
+        if job is not None:
+            results.discard_if_empty(job.out_dir)  # reserved at the start; a run that gave nothing leaves nothing
         _ACTIVE = None
         if self._timer is not None:
             context.window_manager.event_timer_remove(self._timer)

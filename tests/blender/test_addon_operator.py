@@ -132,15 +132,17 @@ def test_append_slot_mode(addon, bpy_module, concord_server):
     assert (idx == 1).all() and ob.active_material_index == 1
 
 
-def test_server_down_clear_error_scene_unchanged(addon, bpy_module, snapshot, free_port):
+def test_server_down_clear_error_scene_unchanged(addon, bpy_module, snapshot, free_port, tmp_path):
     bpy = bpy_module
     _prefs(bpy).server_url = f"http://127.0.0.1:{free_port}"
     _import_box(bpy)
     _small_job(bpy)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))  # results would go to tmp_path/concord
     before = snapshot()
     with pytest.raises(RuntimeError, match="connection refused"):
         bpy.ops.concord.texture_mesh(blocking=True)
     assert snapshot() == before
+    assert not any((tmp_path / "concord").iterdir()), "a run that gave nothing leaves no result folder"
     assert "concord serve" in bpy.context.window_manager.concord_job.last_report
     assert not bpy.context.window_manager.concord_job.running
 

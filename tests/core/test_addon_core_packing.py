@@ -71,9 +71,14 @@ def test_result_folder(tmp_path):
     t = 1_700_000_000.0
     p = results.result_folder(str(blend), "Cube.001 / big", now=t)
     assert p.parent == blend.parent / "concord" and p.name.startswith("Cube.001_big_")
-    p.mkdir(parents=True)
+    assert p.is_dir() and not any(p.iterdir()), "the folder is reserved (made, empty) at once"
+    # another job (or another Blender session) in the same second never gets the same folder
     p2 = results.result_folder(str(blend), "Cube.001 / big", now=t)
-    assert p2 != p and p2.name.startswith(p.name + "-")
+    assert p2 != p and p2.name.startswith(p.name + "-") and p2.is_dir()
+    (p2 / "texture.png").write_bytes(b"png")
+    results.discard_if_empty(p)  # a run that gave nothing leaves nothing
+    results.discard_if_empty(p2)  # a run with results keeps them
+    assert not p.exists() and (p2 / "texture.png").is_file()
     q = results.result_folder("", "Cube", now=t, temp_root=str(tmp_path))
     assert q.parent == tmp_path / "concord"
     assert results.read_metrics(tmp_path) == {}

@@ -45,7 +45,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -300,10 +300,6 @@ def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # The job
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def run(
     model,
     params: TextureParams,
@@ -325,7 +321,7 @@ def run(
     import torch
     from PIL import Image
 
-    from concord.geometry.bake import bake_views
+    from concord.geometry.bake import bake_views, to_uint8
     from concord.geometry.metrics import coverage_image, coverage_metrics, cross_view_disagreement, surface_coverage
     from concord.geometry.transforms_json import write_transforms_json
     from concord.geometry.viewset import ViewSet
@@ -467,7 +463,7 @@ def run(
             images.append(decode(latents[k : k + 2]).float().cpu())
             ctx.advance(min(k + 2, V))
     views = torch.cat(images).permute(0, 2, 3, 1).numpy()  # (V, H, W, 3) sRGB [0, 1]
-    views_u8 = _to_uint8(views)
+    views_u8 = to_uint8(views)
     timings["decoding_s"] = time.perf_counter() - t0
 
     ctx.stage("baking")
@@ -487,10 +483,10 @@ def run(
     names = [f"views/view_{k:02d}.png" for k in range(V)]
     for k, name in enumerate(names):
         Image.fromarray(views_u8[k]).save(out / name)
-    Image.fromarray(_to_uint8(bake.texture)).save(out / "texture.png")
+    Image.fromarray(to_uint8(bake.texture)).save(out / "texture.png")
     Image.fromarray(coverage_image(bake.coverage, surface)).save(out / "coverage.png")
     pr, pc = grid_shape(V, c.grid_rows, c.grid_cols) if grid else grid_shape(V)
-    ctrl_u8 = np.repeat(_to_uint8(control_np)[..., None], 3, axis=-1)
+    ctrl_u8 = np.repeat(to_uint8(control_np)[..., None], 3, axis=-1)
     picture = np.concatenate([picture_grid(views_u8, pr, pc), picture_grid(ctrl_u8, pr, pc)], axis=0)
     Image.fromarray(picture).save(out / "grid.png")
     write_transforms_json(out / "transforms.json", vs.intrinsics, vs.world_to_camera, names, W, H)
