@@ -13,6 +13,7 @@ a server that never starts) into a failure instead of a stuck suite. No outcome 
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from pathlib import Path
@@ -103,3 +104,20 @@ class InProcessServer:
         self.server.should_exit = True
         self._thread.join(HANG_GUARD_S)
         self._sock.close()
+
+
+def worker_messages(worker, guard: float = HANG_GUARD_S) -> list:
+    """Every message of an add-on ``JobWorker`` up to and including its final one, waiting on the worker's
+    queue (no clock); then the worker has ended and nothing follows the final message."""
+    from blender_addon.core import jobs
+
+    msgs: list = []
+    while not (msgs and isinstance(msgs[-1], jobs.FINAL)):
+        try:
+            msgs.append(worker.messages.get(timeout=guard))
+        except queue.Empty:
+            raise AssertionError(f"no message within the {guard:g} s hang guard: {msgs}") from None
+    worker.join(guard)
+    assert not worker.is_alive(), "the worker runs on after its final message"
+    assert worker.drain() == [], "nothing may follow the final message"
+    return msgs

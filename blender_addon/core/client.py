@@ -81,6 +81,15 @@ def encode_arrays(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
+def progress_of(status: dict) -> Progress:
+    """A job status as progress. A job may finish between two polls: a done job's progress is always complete
+    (step == total > 0), so a progress bar never stops short of full on a finished job."""
+    step, total = int(status.get("step") or 0), int(status.get("total") or 0)
+    if status["state"] == "done":
+        step = total = max(total, 1)
+    return Progress(status["state"], status["stage"], step, total, status.get("message", ""))
+
+
 def is_loopback_url(url: str) -> bool:
     """True when ``url`` names this computer: ``localhost``, 127.0.0.0/8 or ::1 (no name is resolved)."""
     try:
@@ -241,15 +250,10 @@ class ConcordClient:
         start = time.monotonic()
         while True:
             st = self.status(job_id)
-            if st["state"] == "done":
-                # A job may finish between two polls: its last progress is still reported as complete, so
-                # a progress bar never stops short of full on a finished job.
-                if on_progress:
-                    total = max(int(st.get("total") or 0), 1)
-                    on_progress(Progress(st["state"], st["stage"], total, total, st.get("message", "")))
-                return st
             if on_progress:
-                on_progress(Progress(st["state"], st["stage"], st["step"], st["total"], st.get("message", "")))
+                on_progress(progress_of(st))
+            if st["state"] == "done":
+                return st
             if st["state"] == "failed":
                 err = st.get("error") or {}
                 raise ServerError(f"the job failed: {err.get('error', 'unknown error')}", hint=err.get("hint"), field=err.get("field"))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .client import ConcordClient, JobCancelledError, ServerError
+from .client import ConcordClient, JobCancelledError, ServerError, progress_of
 
 
 @dataclass(frozen=True)
@@ -248,10 +248,8 @@ class JobWorker:
         return box["value"]
 
     def _post_status(self, st: dict) -> None:
-        step, total = int(st.get("step") or 0), int(st.get("total") or 0)
-        if st["state"] == "done":  # a job may finish between two polls: its progress still ends full
-            total = step = max(total, 1)
-        self._post(Progress(st["stage"], step, total, st.get("message", "")))
+        p = progress_of(st)
+        self._post(Progress(p.stage, p.step, p.total, p.message))
 
     def _follow(self, client: ConcordClient) -> None:
         """Poll the submitted job until the server says done (returns), failed (ServerError) or cancelled

@@ -122,32 +122,15 @@ def _emission_copy(bpy, mat):
 
 # --------------------------------------------------------------------------------------------- rendering
 def _configure(scene, width: int, height: int) -> None:
-    r = scene.render
-    r.engine = "CYCLES"
-    r.resolution_x, r.resolution_y = int(width), int(height)
-    r.resolution_percentage = 100
-    r.pixel_aspect_x = r.pixel_aspect_y = 1.0
-    r.film_transparent = True
-    r.use_compositing = False
-    r.use_sequencer = False
-    r.use_persistent_data = True
-    c = scene.cycles
-    c.device = "CPU"
-    c.samples = 1
-    c.use_adaptive_sampling = False
-    c.use_denoising = False
-    c.filter_width = 0.01
-    c.max_bounces = 0
+    """The capture's own Cycles set-up (one ray per pixel centre, no bounces, multilayer EXR), plus a colour
+    pipeline that leaves emitted sRGB colours as they are."""
+    from blender_addon.capture.passes import configure_pass_render
+
+    configure_pass_render(scene, width, height)
     scene.view_settings.view_transform = "Standard"
     scene.view_settings.look = "None"
     scene.view_settings.exposure = 0.0
     scene.view_settings.gamma = 1.0
-    s = r.image_settings
-    if hasattr(s, "media_type"):
-        s.media_type = "MULTI_LAYER_IMAGE"
-    s.file_format = "OPEN_EXR_MULTILAYER"
-    s.color_depth = "32"
-    s.exr_codec = "NONE"
 
 
 def render_emission_views(ob, cameras, width: int, height: int, work_dir) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import queue
 import re
 import socket
 import threading
@@ -27,7 +26,7 @@ import pytest
 
 from blender_addon.core import jobs
 from blender_addon.core.client import ConcordClient, ServerError
-from tests.harness import InProcessServer, StepGate
+from tests.harness import InProcessServer, StepGate, worker_messages
 
 CLIENT_TIMEOUT_S = 600.0  # the client's own per-answer timeout in these tests: far beyond the hang guard
 HANG_GUARD_S = 120.0  # bounds a stuck test; no outcome depends on it
@@ -48,15 +47,7 @@ def _worker(url, tmp_path, steps=2):
 
 def _final(worker) -> list:
     """Messages up to the final one, waiting on the worker's queue; the guard only bounds a hang."""
-    msgs = []
-    while not (msgs and isinstance(msgs[-1], jobs.FINAL)):
-        try:
-            msgs.append(worker.messages.get(timeout=HANG_GUARD_S))
-        except queue.Empty:
-            raise AssertionError(f"no final message within the {HANG_GUARD_S:g} s hang guard: {msgs}") from None
-    worker.join(HANG_GUARD_S)
-    assert not worker.is_alive() and worker.drain() == []
-    return msgs
+    return worker_messages(worker, HANG_GUARD_S)
 
 
 def _wait_state(client: ConcordClient, job_id: str, pred) -> dict:

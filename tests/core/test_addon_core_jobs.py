@@ -15,7 +15,7 @@ import pytest
 from blender_addon.core import jobs
 from blender_addon.core.client import ConcordClient
 from concord.serve_process import ServerProcess
-from tests.harness import HANG_GUARD_S, InProcessServer, StepGate
+from tests.harness import InProcessServer, StepGate, worker_messages
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,7 @@ def _worker(url, tmp_path, params=None, arrays=None, token=None):
 
 
 def _all(worker) -> list:
-    """Every message up to and including the final one, waiting on the worker's queue (no polling clock)."""
-    msgs = []
-    while not (msgs and isinstance(msgs[-1], jobs.FINAL)):
-        try:
-            msgs.append(worker.messages.get(timeout=HANG_GUARD_S))
-        except queue.Empty:
-            raise AssertionError(f"no message for {HANG_GUARD_S} s (hang guard): {msgs}") from None
-    worker.join(HANG_GUARD_S)
-    assert not worker.is_alive()
-    assert worker.drain() == [], "nothing may follow the final message"
-    return msgs
+    return worker_messages(worker)
 
 
 def _final_state(client, job_id) -> str:
