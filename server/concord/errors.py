@@ -10,7 +10,18 @@ What this module must never do: import anything (of Concord or a third party) or
 
 from __future__ import annotations
 
-__all__ = ["JobInputError"]
+__all__ = ["JobInputError", "ContractError"]
+
+
+class ContractError(ValueError):
+    """Arrays break a written array contract (the ViewSet's, the FrameSet's). `field` names the offending array;
+    `hint` says how to fix it."""
+
+    def __init__(self, message: str, field: str, hint: str = ""):
+        super().__init__(f"{field}: {message}" + (f" ({hint})" if hint else ""))
+        self.message = message
+        self.field = field
+        self.hint = hint
 
 
 class JobInputError(ValueError):

@@ -378,3 +378,73 @@ def test_micro_joins_the_multiview_texture_sampler(tiny_model, test_pipe, tmp_pa
     assert shapes == [(2, 16, 96, 64)] * 2
     assert m["grid"] == [3, 2] and m["synced_steps"] == 2
     assert sorted(p.name for p in (out / "views").glob("*.png")) == [f"view_{k:02d}.png" for k in range(6)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-view training (docs/micro-model.md, "Training"): view sets, growing a trained model, exact resume
+
+
+def test_view_sets_are_one_object_seen_from_around_it():
+    from concord.geometry.rigs import ZERO123PP_AZIMUTHS, ZERO123PP_ELEVATIONS
+    from concord.micro.data import RIG_AZIMUTHS, RIG_ELEVATIONS, generate_view_sets
+
+    assert RIG_AZIMUTHS == ZERO123PP_AZIMUTHS and RIG_ELEVATIONS == ZERO123PP_ELEVATIONS
+    b = generate_view_sets(3, 6, seed=1, index=2, height=32, width=32)
+    again = generate_view_sets(3, 6, seed=1, index=2, height=32, width=32)
+    assert np.array_equal(b.images, again.images)
+    assert not np.array_equal(b.images, generate_view_sets(3, 6, seed=1, index=3, height=32, width=32).images)
+    assert b.images.shape == (18, 32, 32, 3)
+    for s in range(3):
+        views = range(6 * s, 6 * s + 6)
+        assert len({b.prompts[i] for i in views}) == 1  # one object: one prompt
+        specs = [b.specs[i] for i in views]
+        assert len({(sp.shape, sp.params, sp.colour1, sp.colour2, tuple(sp.phase)) for sp in specs}) == 1
+        assert all((b.depth[i] > 0).any() for i in views)
+        # the camera moves: no two views of a set share a pose
+        assert all(not np.allclose(b.specs[i].rotation, b.specs[j].rotation) for i in views for j in views if i < j)
+        # and the paint sticks to the object: each view's pixels are the paint at their object coordinates
+        for i in views:
+            fg = b.mask[i]
+            assert np.array_equal(b.images[i][fg], D._PALETTE[D._paint(b.specs[i], b.coords[i][fg].astype(np.float64))])
+
+
+def _v1_test_model(folder):
+    """A small model of the first shipped architecture (attention at 8x8 only), saved like a trained one."""
+    from concord.micro.model import PRESET_CONFIGS, MicroConfig
+
+    v1 = MicroConfig(**{**PRESET_CONFIGS["test"].__dict__, "down_block_types": PRESET_CONFIGS["micro-v1"].down_block_types})
+    pipe = build_pipeline(v1, seed=3)
+    pipe.save_pretrained(folder)
+    return MicroPipeline.from_pretrained(folder)
+
+
+def test_warm_start_grows_a_trained_model_without_changing_what_it_computes(tmp_path):
+    from concord.micro.train import _warm_start
+
+    old = _v1_test_model(tmp_path / "v1")
+    comps = build_components("test", seed=0)
+    _warm_start(comps, tmp_path / "v1")
+    new_keys = set(comps["unet"].state_dict()) - set(old.unet.state_dict())
+    assert any(".attentions." in k for k in new_keys)  # the grown model has attention blocks the old one lacks
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    ids = tokenize(old.tokenizer, ["a red sphere", "a blue and white dots box"])
+    with torch.no_grad():
+        a = old.unet(x, t, encoder_hidden_states=old.text_encoder(ids)[0]).sample
+        b = comps["unet"](x, t, encoder_hidden_states=comps["text_encoder"](ids)[0]).sample
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
+    from concord.micro.train import LOSS_LOG, TrainConfig, TrainError, train
+
+    _v1_test_model(tmp_path / "v1")
+    common = dict(preset="test", batch=6, size=32, log_every=1, warmup_steps=2, seed=2, minutes=5, threads=0,
+                  views=3, single_share=0.5, init_from=str(tmp_path / "v1"))
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common), progress=False)
+    assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1")
+    train(TrainConfig(out=str(tmp_path / "split"), steps=2, **common), progress=False)
+    with pytest.raises(TrainError, match="resume with the same values"):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
+    train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
+    assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)

@@ -192,7 +192,67 @@ class TextureJob(_Strict):
     params: TextureParams
 
 
-JobRequest = Annotated[Union[DepthImageJob, TextureJob], Field(discriminator="kind")]
+class LatentBlending(_Strict):
+    """Rerender-A-Video / FRESCO-style latent blending: the previous stylized frame's clean-latent prediction,
+    carried along the motion vectors, blended into the current one on non-occluded pixels for the early steps."""
+
+    weight: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of the warped previous x0 (0 = off).")
+    until: float = Field(default=0.5, ge=0.0, le=1.0, description="Fraction of the steps it applies to.")
+
+
+class StylizeParams(_Strict):
+    """Stylize an animation render, frames consistent with each other (job kind `stylize`).
+
+    Arrays: a FrameSet (`concord.frames.frameset`): `image` (N,H,W,3) sRGB, `depth` (N,H,W) planar z (0 on the
+    background; required by depth-conditioned models), `motion` (N,H,W,2) pixels to the previous frame (x right,
+    y down; required by warped noise, `first+previous` attention and latent blending), optional `mask` (N,H,W).
+    """
+
+    prompt: str = Field(max_length=2000)
+    negative_prompt: str = Field(default="", max_length=2000)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    strength: float = Field(
+        default=0.7, gt=0.0, le=1.0,
+        description="img2img strength: the share of the denoising schedule run from the noised input frame (1 = ignore its colours).",
+    )
+    steps: int | None = Field(default=None, ge=1, le=200, description="Denoising steps; omitted: the model's recommended.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=50.0, description="Classifier-free guidance scale; <=1 is off; omitted: the model's."
+    )
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=4.0)
+    keyframes: Literal["none", "first", "middle", "first+previous", "explicit"] = Field(
+        default="first+previous",
+        description="Cross-frame attention: none, first (Text2Video-Zero), middle (FateZero), first+previous "
+        "(Pix2Video), or the frames in keyframe_list.",
+    )
+    keyframe_list: list[int] = Field(
+        default_factory=list, max_length=16, description="Frame indices (0-based, in this request) for keyframes='explicit'."
+    )
+    noise: Literal["iid", "shared", "mixed", "progressive", "warped"] = Field(
+        default="warped", description="Initial noise across frames (MATH.md section 1)."
+    )
+    noise_strength: float | None = Field(
+        default=None, ge=0.0, le=100.0,
+        description="r for warped (0..1, default 1), a for mixed/progressive (default 1); ignored otherwise.",
+    )
+    blending: LatentBlending = Field(default_factory=LatentBlending)
+    chunk_frames: int = Field(default=8, ge=1, le=64, description="Frames denoised together (memory vs speed).")
+    first_frame: int = Field(default=0, ge=0, le=10**7, description="Number of the first frame (output file names).")
+    motion_source: str = Field(
+        default="renderer", max_length=64, description="Where `motion` came from (reported): renderer or optical_flow:dis."
+    )
+    resume: bool = Field(
+        default=False,
+        description="Continue an interrupted run of the same inputs in the same output folder: finished frames are kept.",
+    )
+
+
+class StylizeJob(_Strict):
+    kind: Literal["stylize"]
+    params: StylizeParams
+
+
+JobRequest = Annotated[Union[DepthImageJob, TextureJob, StylizeJob], Field(discriminator="kind")]
 
 
 class JobCreated(_Strict):

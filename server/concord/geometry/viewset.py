@@ -54,6 +54,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from concord.errors import ContractError
+
 __all__ = [
     "ViewSet",
     "ViewSetError",
@@ -79,14 +81,8 @@ FIELDS = REQUIRED_FIELDS + ("image",)
 _FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-class ViewSetError(ValueError):
+class ViewSetError(ContractError):
     """A ViewSet breaks the array contract. ``field`` names the offending array; ``hint`` says how to fix it."""
-
-    def __init__(self, message: str, field: str, hint: str = ""):
-        super().__init__(f"{field}: {message}" + (f" ({hint})" if hint else ""))
-        self.message = message
-        self.field = field
-        self.hint = hint
 
 
 @dataclass

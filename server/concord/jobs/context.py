@@ -27,8 +27,11 @@ class JobCancelled(Exception):
 
 
 class JobContext:
-    def __init__(self, out_dir: Path, on_progress: ProgressFn, cancel_event: threading.Event):
+    def __init__(self, out_dir: Path, on_progress: ProgressFn, cancel_event: threading.Event,
+                 work_root: Path | None = None):
         self.out_dir = Path(out_dir)
+        # Where a job may keep work that outlives a failed or cancelled run (the stylize job's resumable frames).
+        self.work_root = Path(work_root) if work_root is not None else None
         self._on_progress = on_progress
         self._cancel = cancel_event
         self._stage = "starting"

@@ -403,7 +403,7 @@ class JobManager:
         with _step(f"could not create the job's result folder {partial}"):
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
-        ctx = JobContext(partial, lambda *a: self._progress(job, *a), job.cancel_event)
+        ctx = JobContext(partial, lambda *a: self._progress(job, *a), job.cancel_event, work_root=self.data_dir / "work")
         try:
             self._executor(job, ctx)
             ctx.raise_if_cancelled()

@@ -36,6 +36,15 @@ future conditioning; the shipped model is conditioned on depth only (see docs/mi
 Rendering: exact signed distance functions (Inigo Quilez's formulas) sphere-traced in numpy (Hart 1996, "Sphere
 tracing"), rays clipped to the object's bounding sphere first; ~2 ms per 64x64 sample on one core.
 
+Multi-view sets (`generate_view_sets`): V views of ONE object -- same shape, proportions, size, paint and
+phase -- from cameras orbiting it: the object's pose in view v is ``Rx(e_v) Ry(a_v) R0`` (camera axes; a rotation
+about the camera's vertical axis by the azimuth, then a tilt by the elevation), with R0 the object's base pose
+(half the sets upright -- the shape's axis vertical, spun at random -- as meshes usually stand, half uniformly
+random). Half the sets use the texture job's Zero123++ rig (azimuths 30 + 60 k degrees, elevations +20 / -10
+alternating, `concord.geometry.rigs`), half V azimuths spread evenly from a random start with random elevations in
+[-15, 35] degrees. The trainer feeds such sets to the UNet with extended self-attention installed, so the model
+learns to read the other views (MVDream, Shi et al. 2023: multi-view self-attention trained on views of one object).
+
 Reproducibility: a batch is a pure function of (seed, index, split, size): `generate_batch` draws from
 ``numpy.random.default_rng([seed, split_tag, index])``, so the trainer's step k always sees the same batch (exact
 resume) and the evaluation's held-out split ("eval") never overlaps the training stream ("train").
@@ -63,6 +72,9 @@ __all__ = [
     "sample_specs",
     "render",
     "generate_batch",
+    "generate_view_sets",
+    "RIG_AZIMUTHS",
+    "RIG_ELEVATIONS",
     "prompt_for",
     "parse_prompt",
 ]
@@ -366,4 +378,68 @@ def generate_batch(n: int, seed: int = 0, index: int = 0, height: int = 64, widt
     coords = np.empty((n, height, width, 3), np.float32)
     for i, spec in enumerate(specs):
         images[i], depth[i], coords[i] = render(spec, height, width, dirs)
+    return MicroBatch(images=images, depth=depth, mask=depth > 0, coords=coords, prompts=[s.prompt for s in specs], specs=specs)
+
+
+#: The texture job's Zero123++ rig (`concord.geometry.rigs.ZERO123PP_*`), repeated here so this module stays
+#: free of the geometry package (it must not import torch-using code); a test checks they agree.
+RIG_AZIMUTHS: tuple[float, ...] = (30.0, 90.0, 150.0, 210.0, 270.0, 330.0)
+RIG_ELEVATIONS: tuple[float, ...] = (20.0, -10.0, 20.0, -10.0, 20.0, -10.0)
+_SET_TAG = 16  # view-set streams: split tag + 16, apart from the single-image streams
+
+
+def _rot_x(deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _rot_y(deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def _upright(rng: np.random.Generator) -> np.ndarray:
+    """A base pose with the shape's axis (local z) along the camera's vertical (y), spun about it at random."""
+    to_vertical = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # local z -> camera -y (up)
+    return _rot_y(rng.uniform(0.0, 360.0)) @ to_vertical
+
+
+def _set_cameras(rng: np.random.Generator, views: int) -> list[tuple[float, float]]:
+    """(azimuth, elevation) in degrees for the views of one set (module docstring)."""
+    if views == len(RIG_AZIMUTHS) and rng.random() < 0.5:
+        return list(zip(RIG_AZIMUTHS, RIG_ELEVATIONS))
+    start = rng.uniform(0.0, 360.0)
+    return [(start + 360.0 * v / views + rng.uniform(-10.0, 10.0), rng.uniform(-15.0, 35.0)) for v in range(views)]
+
+
+def generate_view_sets(
+    sets: int, views: int, seed: int = 0, index: int = 0, height: int = 64, width: int = 64, split: str = "train"
+) -> MicroBatch:
+    """Batch `index` of the multi-view stream `(seed, split)`: `sets` objects, each seen in `views` views, laid out
+    set-major (sample ``s * views + v`` is view v of object s) -- the layout extended attention groups by. A pure
+    function of its arguments; the streams never overlap the single-image ones of `generate_batch`."""
+    if split not in _SPLIT_TAGS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_TAGS)}")
+    if sets < 1 or views < 1:
+        raise ValueError("sets and views must be >= 1")
+    rng = np.random.default_rng([int(seed), _SPLIT_TAGS[split] + _SET_TAG, int(index)])
+    bases = sample_specs(rng, sets)
+    dirs = _ray_directions(height, width)
+    n = sets * views
+    images = np.empty((n, height, width, 3), np.float32)
+    depth = np.empty((n, height, width), np.float32)
+    coords = np.empty((n, height, width, 3), np.float32)
+    specs: list[SampleSpec] = []
+    for s, base in enumerate(bases):
+        r0 = _upright(rng) if rng.random() < 0.5 else base.rotation
+        centre = np.array([0.0, 0.0, base.center[2]])  # the orbit's centre: the object stays in the middle
+        for v, (az, el) in enumerate(_set_cameras(rng, views)):
+            spec = SampleSpec(
+                shape=base.shape, params=base.params, rotation=_rot_x(el) @ _rot_y(az) @ r0, center=centre,
+                scale=base.scale, bound=base.bound, pattern=base.pattern, colour1=base.colour1,
+                colour2=base.colour2, phase=base.phase,
+            )
+            i = s * views + v
+            images[i], depth[i], coords[i] = render(spec, height, width, dirs)
+            specs.append(spec)
     return MicroBatch(images=images, depth=depth, mask=depth > 0, coords=coords, prompts=[s.prompt for s in specs], specs=specs)

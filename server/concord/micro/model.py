@@ -94,7 +94,7 @@ class MicroConfig:
     """Sizes of the micro model. `PRESET_CONFIGS["micro"]` is the shipped one; `"test"` is for unit tests."""
 
     block_out_channels: tuple[int, ...] = (48, 96, 96)
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     layers_per_block: int = 1
     attention_head_dim: int = 16
     norm_num_groups: int = 8
@@ -114,7 +114,11 @@ class MicroConfig:
 
 
 PRESET_CONFIGS: dict[str, MicroConfig] = {
+    # Attention (self + cross) at the 16x16 and 8x8 levels and in the middle block: the shipped model.
     "micro": MicroConfig(),
+    # The first shipped model: attention at 8x8 and in the middle only. Stage 1 of the shipped model's training
+    # (docs/micro-model.md): `--init-from` grows it into "micro" without changing what it computes.
+    "micro-v1": MicroConfig(down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")),
     "test": MicroConfig(
         block_out_channels=(16, 32, 32),
         attention_head_dim=8,

@@ -73,6 +73,9 @@ class TrainConfig:
     preset: str = "micro"
     size: int = 64
     threads: int = 2
+    init_from: str | None = None  # a save_pretrained folder to start from (warm start; see `_warm_start`)
+    views: int = 1  # > 1: multi-view steps on sets of this many views with extended attention installed
+    single_share: float = 0.25  # with views > 1: the share of steps that train on single images (V = 1)
 
 
 class TrainError(ValueError):
@@ -98,6 +101,40 @@ def _step_seed(seed: int, step: int, stream: int) -> int:
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up to cfg.lr over cfg.warmup_steps, then constant (the stop time is not known in advance)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def _views_at(cfg: TrainConfig, step: int) -> int:
+    """Views per object at `step`: 1 (single images) or cfg.views, a seeded draw per step (exact on resume)."""
+    if cfg.views == 1:
+        return 1
+    return 1 if np.random.default_rng(_step_seed(cfg.seed, step, 3)).random() < cfg.single_share else cfg.views
+
+
+def _warm_start(comps: dict, folder: Path) -> None:
+    """Load a trained model's weights into freshly built components of a LARGER architecture (e.g. "micro-v1"
+    -> "micro", which adds attention at 16x16). Every tensor whose name and shape match is copied; the new
+    attention blocks' output projections (``proj_out``) are zeroed, so each new block adds exactly 0 to its
+    residual stream and the grown model computes what the trained one did (tested) -- training then teaches the
+    new blocks to contribute (ControlNet's zero convolutions, Zhang et al. 2023, use the same idea). Raises
+    TrainError when a tensor of the trained model has no place in the new one."""
+    import torch
+
+    from concord.micro.model import MicroPipeline
+
+    src = MicroPipeline.from_pretrained(str(folder))
+    for name in ("unet", "text_encoder"):
+        target, source = comps[name], getattr(src, name)
+        own = target.state_dict()
+        theirs = source.state_dict()
+        misfit = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
+        if misfit:
+            raise TrainError(f"--init-from {folder}: {name} tensor {misfit[0]} does not fit the {name} being trained")
+        missing = [k for k in own if k not in theirs]
+        target.load_state_dict({k: v.float() for k, v in theirs.items()}, strict=False)
+        with torch.no_grad():
+            for k in missing:
+                if ".proj_out." in k:
+                    target.get_parameter(k).zero_()
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -132,6 +169,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise TrainError("--minutes must be > 0 (or give --steps)")
     if cfg.size % 8:
         raise TrainError("--size must be a multiple of 8")
+    if cfg.views < 1:
+        raise TrainError("--views must be >= 1")
+    if not 0.0 <= cfg.single_share <= 1.0:
+        raise TrainError("--single-share must be in [0, 1]")
+    if cfg.init_from is not None and not (Path(cfg.init_from) / "model_index.json").is_file():
+        raise TrainError(f"--init-from {cfg.init_from}: not a micro model folder (no model_index.json)")
     device = _resolve_device(cfg.device)
     batch = cfg.batch or (128 if device.type == "cuda" else 32)
     if batch < 1:
@@ -149,7 +192,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     import torch
     from diffusers.training_utils import EMAModel
 
-    from concord.micro.data import generate_batch
+    from concord.attention import extended_attention
+    from concord.micro.data import generate_batch, generate_view_sets
     from concord.micro.model import build_components, micro_codec, micro_conditioning, tokenize
 
     out = Path(cfg.out)
@@ -159,6 +203,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     comps = build_components(cfg.preset, seed=cfg.seed)
+    if cfg.init_from is not None and not (cfg.resume and ckpt_path.exists()):
+        _warm_start(comps, Path(cfg.init_from))
     unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
     unet.train()
     text_encoder.train()
@@ -172,11 +218,10 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     step, samples, train_seconds = 0, 0, 0.0
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["config"]["preset"] != cfg.preset or ck["config"]["seed"] != cfg.seed or ck["batch"] != batch:
-            raise TrainError(
-                f"{ckpt_path} was written with preset={ck['config']['preset']} seed={ck['config']['seed']} "
-                f"batch={ck['batch']}; resume with the same values"
-            )
+        same = ("preset", "seed", "views", "single_share", "init_from")
+        if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
+            written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
+            raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
         unet.load_state_dict(ck["unet"])
         text_encoder.load_state_dict(ck["text_encoder"])
         opt.load_state_dict(ck["optimizer"])
@@ -240,9 +285,15 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "device": str(device),
             "parameters": count_parameters(unet) + count_parameters(text_encoder),
             "final_loss": final_loss,
+            "views": cfg.views,
+            "single_share": cfg.single_share if cfg.views > 1 else None,
+            "init_from": cfg.init_from,
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
+            + (f" --preset {cfg.preset}" if cfg.preset != "micro" else "")
             + (f" --batch {cfg.batch}" if cfg.batch else "")
-            + (f" --steps {cfg.steps}" if cfg.steps else ""),
+            + (f" --steps {cfg.steps}" if cfg.steps else "")
+            + (f" --views {cfg.views} --single-share {cfg.single_share:g}" if cfg.views > 1 else "")
+            + (f" --init-from {cfg.init_from}" if cfg.init_from else ""),
         }
         (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -274,13 +325,20 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             lr = _lr_at(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            data = generate_batch(batch, cfg.seed, index=step, height=cfg.size, width=cfg.size, split="train")
-            drop = np.random.default_rng(_step_seed(cfg.seed, step, 1)).random(batch) < cfg.text_drop
+            views = _views_at(cfg, step)
+            if views == 1:
+                data = generate_batch(batch, cfg.seed, index=step, height=cfg.size, width=cfg.size, split="train")
+            else:
+                data = generate_view_sets(max(1, batch // views), views, cfg.seed, index=step, height=cfg.size,
+                                          width=cfg.size, split="train")
+            n = len(data.prompts)
+            # Prompts are dropped per object (a set's views together), as guidance later drops them per group.
+            drop = np.repeat(np.random.default_rng(_step_seed(cfg.seed, step, 1)).random(n // views) < cfg.text_drop, views)
             prompts = ["" if d else p for d, p in zip(drop, data.prompts)]
             gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 2))
             x0 = codec.encode(torch.from_numpy(data.images).permute(0, 3, 1, 2))
             cond = micro_conditioning(data.depth)
-            t = torch.randint(0, T, (batch,), generator=gen)
+            t = torch.randint(0, T, (n,), generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
             x0, cond, eps, t = x0.to(device), cond.to(device), eps.to(device), t.to(device)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -289,7 +347,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             v = abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
             ids = tokenize(tokenizer, prompts).to(device)
             emb = text_encoder(ids)[0]
-            pred = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
+            with extended_attention([unet] if views > 1 else [], views):
+                pred = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(pred.float(), v)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,7 +356,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             opt.step()
             ema.step(params)
             step += 1
-            samples += batch
+            samples += n
             lv = float(loss.detach())
             loss_acc += lv
             loss_n += 1
@@ -340,6 +399,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="steps per loss.csv row (default 10)")
     parser.add_argument("--preset", default="micro", help="model size: micro (shipped) or test (unit-test size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 = torch's default)")
+    parser.add_argument("--init-from", default=None, help="start from this trained model folder (may be a smaller "
+                        "architecture: new attention blocks start as identity)")
+    parser.add_argument("--views", type=int, default=1, help="> 1: train on sets of this many views of one object "
+                        "with extended attention installed (default 1: single images)")
+    parser.add_argument("--single-share", type=float, default=0.25, help="with --views > 1, the share of steps on "
+                        "single images (default 0.25)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -365,6 +430,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         log_every=max(1, args.log_every),
         preset=args.preset,
         threads=args.threads,
+        init_from=args.init_from,
+        views=args.views,
+        single_share=args.single_share,
     )
     try:
         summary = train(cfg, progress=not args.no_progress)

@@ -52,6 +52,7 @@ class RecommendedSettings:
 JOB_SETTINGS: dict[str, tuple[str, ...]] = {
     "depth_image": ("steps", "guidance"),
     "texture": ("steps", "guidance", "texture_size"),
+    "stylize": ("steps", "guidance"),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from concord.api.arrays import ArraysContract
-from concord.pipelines import depth_image, texture
+from concord.pipelines import depth_image, stylize, texture
 
 
 @dataclass(frozen=True)
@@ -41,5 +41,13 @@ JOB_KINDS: dict[str, JobKind] = {
         check_inputs=texture.check_inputs,
         run=texture.run,
         summary="Views of a mesh generated jointly so they agree, baked into its UV texture.",
+    ),
+    "stylize": JobKind(
+        name="stylize",
+        params_model=stylize.StylizeParams,
+        arrays=stylize.ARRAYS,
+        check_inputs=stylize.check_inputs,
+        run=stylize.run,
+        summary="An animation's frames restyled from a prompt, consistent from frame to frame.",
     ),
 }

@@ -137,18 +137,33 @@ def sample(
     generator: torch.Generator | None = None,
     device=None,
     copy_scheduler: bool = True,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Denoise `latents` (unit-variance noise, float32) over `steps` steps of `scheduler` (a private copy unless
     copy_scheduler=False). Returns the final latents (float32). Multiplies the noise by `init_noise_sigma` and
-    feeds the model `scale_model_input`'s output, as diffusers' pipelines do."""
+    feeds the model `scale_model_input`'s output, as diffusers' pipelines do.
+
+    img2img (SDEdit, Meng et al. 2022): with `init` (clean latents) and `strength` < 1, only the last
+    round(steps * strength) timesteps run, from `scheduler.add_noise(init, latents, t_start)` -- diffusers'
+    img2img pipelines' `get_timesteps` rule, so a strength means what it means there."""
     hooks = hooks or Hooks()
     sched = fresh_scheduler(scheduler) if copy_scheduler else scheduler
     device = device if device is not None else latents.device
     sched.set_timesteps(steps, device=device)
     ptype = sched.config.get("prediction_type", "epsilon")
     step_kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
-    x = latents.to(device=device, dtype=torch.float32) * sched.init_noise_sigma
     timesteps = sched.timesteps
+    if init is not None and strength < 1.0:
+        run = min(max(int(steps * strength), 1), steps)
+        start = (steps - run) * getattr(sched, "order", 1)
+        timesteps = timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        noise = latents.to(device=device, dtype=torch.float32)
+        x = sched.add_noise(init.to(device=device, dtype=torch.float32), noise, timesteps[:1].repeat(noise.shape[0]))
+    else:
+        x = latents.to(device=device, dtype=torch.float32) * sched.init_noise_sigma
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if hooks.before_step is not None:

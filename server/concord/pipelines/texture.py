@@ -317,7 +317,6 @@ def run(
     denoiser, e.g. a pixel-space model; `model` then only names it in metrics.json). `scheduler`: a diffusers
     scheduler class (or an instance: its class) to step with instead of the model's own scheduler class, on the
     model's scheduler config (default: the class of `model.pipe.scheduler`, else the config's, else DDIM)."""
-    import diffusers
     import torch
     from PIL import Image
 
@@ -325,10 +324,9 @@ def run(
     from concord.geometry.metrics import coverage_image, coverage_metrics, cross_view_disagreement, surface_coverage
     from concord.geometry.transforms_json import write_transforms_json
     from concord.geometry.viewset import ViewSet
-    from concord.models.recommended import resolve_job_settings, view_size_note
-    from concord.models.registry import model_settings
-    from concord.pipelines.denoiser import denoiser_from_model
-    from concord.pipelines.sampler import Hooks, fresh_scheduler, sample
+    from concord.models.recommended import view_size_note
+    from concord.pipelines.job_setup import job_scheduler, prepare_job
+    from concord.pipelines.sampler import Hooks, sample
 
     timings: dict[str, float] = {}
     c = params.consistency
@@ -338,17 +336,12 @@ def run(
 
     ctx.stage("encoding")
     t0 = time.perf_counter()
-    if parts is None:
-        parts = denoiser_from_model(model, params.conditioning_scale)
     # Settings the request left out (None) are the model's recommended ones; metrics.json says which were which.
-    recommended = model_settings(model, parts.kind)
-    params, settings = resolve_job_settings(params, recommended, "texture")
+    setup = prepare_job(model, params, "texture", W, H, "arrays.depth", parts)
+    parts, params, settings, recommended = setup.parts, setup.params, setup.settings, setup.recommended
+    h, w = setup.latent_hw
     note = view_size_note(getattr(model, "name", parts.kind), max(W, H), recommended)
     den, codec, device = parts.denoiser, parts.codec, parts.device
-    f = codec.scale_factor
-    if H % f or W % f:
-        raise JobInputError(f"views of {W}x{H} px do not divide into {f}x{f} latent pixels", "arrays.depth")
-    h, w = H // f, W // f
     C = den.latent_channels
     grid = c.grid
     rows, cols = grid_shape(V, c.grid_rows, c.grid_cols) if grid else (1, V)
@@ -358,10 +351,7 @@ def run(
 
     # A private copy of the model's own scheduler (its class and config): clip_sample, thresholding, timestep
     # spacing and the scheduler kind are the model's, as in its own pipeline (ARCHITECTURE rule 11).
-    base = scheduler if scheduler is not None else getattr(getattr(model, "pipe", None), "scheduler", None)
-    if base is None:
-        base = getattr(diffusers, dict(parts.scheduler_config).get("_class_name") or "DDIMScheduler")
-    sched = fresh_scheduler(base if isinstance(base, type) else type(base), parts.scheduler_config)
+    sched = job_scheduler(model, parts, scheduler)
 
     text = parts.text_embeddings(params.prompt, params.negative_prompt, guidance=cfg).to(device)
 
