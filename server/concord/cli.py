@@ -126,6 +126,12 @@ def cmd_texture(args) -> int:
     return texture_command.main_from_args(args)
 
 
+def cmd_stylize(args) -> int:
+    from concord import stylize_command
+
+    return stylize_command.main_from_args(args)
+
+
 def cmd_train_micro(args) -> int:
     from concord.micro import train as micro_train
 
@@ -180,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("texture", help="texture a mesh from a prompt (in-process, or on a server with --server)")
     texture_command.add_arguments(p)
     p.set_defaults(func=cmd_texture)
+
+    from concord import stylize_command
+
+    p = sub.add_parser("stylize", help="stylize an animation's frames consistently (in-process, or on a server with --server)")
+    stylize_command.add_arguments(p)
+    p.set_defaults(func=cmd_stylize)
 
     from concord.micro import train as micro_train
 

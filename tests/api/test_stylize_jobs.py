@@ -1,0 +1,46 @@
+"""The `stylize` job over HTTP: the real app with the tiny model; frames, metrics, the mask, and malformed requests
+answered 4xx with the field named."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from concord.pipelines.stylize import frame_name
+from tests.api.helpers import job_files, wait_for
+from tests.server.spinning import spinning_frames
+
+
+
+
+def test_stylize_job_over_http_writes_every_frame_and_keeps_the_unmasked_input(client):
+    fs, prompt = spinning_frames(3)
+    mask = fs.depth > 0
+    arrays = {"image": fs.image, "depth": fs.depth, "motion": fs.motion, "mask": mask}
+    r = client.post("/v1/jobs", files=job_files("stylize", {"prompt": prompt, "steps": 2, "first_frame": 10}, arrays))
+    assert r.status_code == 202, r.text
+    st = wait_for(client, r.json()["id"])
+    assert st["state"] == "done", st
+    assert {f"frames/{frame_name(10 + i)}" for i in range(3)} <= set(st["files"]) and "metrics.json" in st["files"]
+    zf = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/jobs/{st['id']}/result").content))
+    out = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(f"frames/{frame_name(10 + i)}")))) for i in range(3)])
+    assert np.array_equal(out[~mask], fs.image[~mask])  # outside the mask the input is kept exactly
+    m = json.loads(zf.read("metrics.json"))
+    assert m["frames"] == 3 and len(m["warping_error"]["per_frame"]) == 3 and m["settings"]["steps"]["source"] == "user"
+
+
+@pytest.mark.parametrize("arrays,field", [
+    (lambda fs: {"image": fs.image, "depth": fs.depth[:, :32]}, "arrays.depth"),
+    (lambda fs: {"image": fs.image, "depth": np.where(fs.depth > 0, np.nan, 0).astype(np.float32)}, "arrays.depth"),
+    (lambda fs: {"image": fs.image, "depth": fs.depth}, "arrays.motion"),  # warped noise without motion
+])
+def test_malformed_stylize_requests_are_4xx_naming_the_field(client, arrays, field):
+    fs, prompt = spinning_frames(2)
+    r = client.post("/v1/jobs", files=job_files("stylize", {"prompt": prompt, "steps": 2}, arrays(fs)))
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.text, r.text
