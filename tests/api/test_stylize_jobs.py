@@ -44,3 +44,20 @@ def test_malformed_stylize_requests_are_4xx_naming_the_field(client, arrays, fie
     r = client.post("/v1/jobs", files=job_files("stylize", {"prompt": prompt, "steps": 2}, arrays(fs)))
     assert 400 <= r.status_code < 500, r.text
     assert field in r.text, r.text
+
+
+def test_a_sequence_streams_in_requests_and_the_server_keeps_only_its_state(client, tmp_path):
+    fs, prompt = spinning_frames(4)
+    ids = []
+    for a, b in [(0, 2), (2, 4)]:
+        arrays = {"image": fs.image[a:b], "depth": fs.depth[a:b], "motion": fs.motion[a:b]}
+        params = {"prompt": prompt, "steps": 2, "sequence": "shot-A", "first_frame": a, "sequence_frames": 4}
+        r = client.post("/v1/jobs", files=job_files("stylize", params, arrays))
+        assert r.status_code == 202, r.text
+        st = wait_for(client, r.json()["id"])
+        assert st["state"] == "done", st
+        assert sorted(f for f in st["files"] if f.startswith("frames/")) == [f"frames/{frame_name(i)}" for i in range(a, b)]
+        ids.append(st["id"])
+    bad = client.post("/v1/jobs", files=job_files("stylize", {"prompt": prompt, "steps": 2, "sequence": "bad name!"},
+                                                  {"image": fs.image, "depth": fs.depth, "motion": fs.motion}))
+    assert bad.status_code == 422 and "sequence" in bad.text

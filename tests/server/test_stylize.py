@@ -179,3 +179,29 @@ def test_keyframe_attention_with_warped_noise_steadies_the_frames(micro, tmp_pat
     assert ratio <= 0.6, ratio  # the issue's target, measured ~0.45
     assert conc["input_warping_error"]["mean"] == indep["input_warping_error"]["mean"]  # the same floor
     assert conc["motion_source"] == "renderer"
+
+
+def test_a_sequence_sent_in_several_requests_equals_one_request(micro, tmp_path):
+    fs, prompt = spinning_frames(7)
+    whole = stylize(micro, _params(prompt), ArraySource(fs), tmp_path / "one", ctx_for(tmp_path))
+    work = tmp_path / "seq"
+    calls = 0
+    for a, b in [(0, 3), (3, 5), (5, 7)]:
+        m = stylize(micro, _params(prompt, sequence="shot1", first_frame=a, sequence_frames=9),
+                    ArraySource(fs.slice(a, b)), work, ctx_for(tmp_path))
+        calls += m["denoiser_calls"]
+        assert m["sequence_start"] == 0 and m["keyframes"] == [0]
+    d = np.abs(frames_of(work, 7).astype(int) - frames_of(tmp_path / "one", 7).astype(int))
+    assert d.max() <= 1 and (d > 0).mean() <= 0.002  # the requests' borders are as invisible as chunk borders
+    assert calls == whole["denoiser_calls"]
+    # a request that skips ahead, or repeats an old one without resume, is refused and the sequence kept
+    for a in (9, 3):
+        with pytest.raises(JobInputError) as e:
+            stylize(micro, _params(prompt, sequence="shot1", first_frame=a, sequence_frames=9),
+                    ArraySource(fs.slice(0, 2)), work, ctx_for(tmp_path))
+        assert e.value.field in ("params.first_frame", "params.sequence")
+    assert (work / STATE_FILE).exists()
+    # the sequence goes on where it stopped
+    m = stylize(micro, _params(prompt, sequence="shot1", first_frame=7, sequence_frames=9),
+                ArraySource(fs.slice(5, 7)), work, ctx_for(tmp_path))
+    assert m["denoiser_calls"] == 3 and (work / "frames" / frame_name(8)).exists()

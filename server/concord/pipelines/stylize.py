@@ -148,15 +148,15 @@ def keyframe_indices(mode: str, n: int, explicit: list[int] | tuple[int, ...] = 
     raise ValueError(f"unknown keyframes mode {mode!r}")
 
 
-def previous_plan(chunk: list[int], keyframes: list[int], use_previous: bool) -> list:
+def previous_plan(chunk: list[int], keyframes: list[int], use_previous: bool, start: int = 0) -> list:
     """Where each chunk frame's previous frame's keys/values come from (`concord.attention.keyframe`): None
-    (no previous attention, or frame 0), ("live", j) (batch frame j), ("key", m) (keyframe m), or ("carry",)
-    (the previous chunk's last frame)."""
+    (no previous attention, or the sequence's first frame `start`), ("live", j) (batch frame j), ("key", m)
+    (keyframe m), or ("carry",) (the previous chunk's last frame)."""
     from concord.attention.keyframe import PREVIOUS_CARRY, PREVIOUS_KEY, PREVIOUS_LIVE
 
     plan = []
     for j, i in enumerate(chunk):
-        if not use_previous or i == 0:
+        if not use_previous or i == start:
             plan.append(None)
         elif j > 0 and chunk[j - 1] == i - 1:
             plan.append((PREVIOUS_LIVE, j - 1))
@@ -227,16 +227,27 @@ def _check_against(params: StylizeParams, n: int, has_motion: bool) -> None:
 
 
 def run(model, params: StylizeParams, arrays: dict, ctx: JobContext, **kw) -> dict:
+    """The server's job: work in `<data>/work/stylize-<fingerprint>` (or `sequence-<name>` for a sequence), then
+    copy this request's frames and metrics into the result. A finished single request's work folder is removed; a
+    sequence keeps its state (not its frames) for the next request."""
     frames = FrameSet.from_arrays(arrays, max_frames=MAX_FRAMES)
-    name = getattr(model, "name", "model")
-    key = fingerprint(params, arrays_digest(frames.to_arrays()), str(name))
-    root = getattr(ctx, "work_root", None) or (Path(ctx.out_dir).parent / "work")
-    work = Path(root) / f"stylize-{key}"
+    root = Path(getattr(ctx, "work_root", None) or (Path(ctx.out_dir).parent / "work"))
+    if params.sequence:
+        work = root / f"sequence-{params.sequence}"
+    else:
+        work = root / f"stylize-{fingerprint(params, arrays_digest(frames.to_arrays()), str(getattr(model, 'name', 'model')))}"
     metrics = stylize(model, params, ArraySource(frames, params.motion_source), work, ctx, **kw)
     out = Path(ctx.out_dir)
-    shutil.copytree(work / FRAMES_DIR, out / FRAMES_DIR, dirs_exist_ok=True)
+    (out / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+    names = [frame_name(params.first_frame + i) for i in range(frames.num_frames)]
+    for name in names:
+        shutil.copy2(work / FRAMES_DIR / name, out / FRAMES_DIR / name)
     shutil.copy2(work / "metrics.json", out / "metrics.json")
-    shutil.rmtree(work, ignore_errors=True)  # finished: the result folder holds everything
+    if params.sequence:
+        for name in names:  # delivered: the sequence keeps only its state
+            (work / FRAMES_DIR / name).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # finished: the result folder holds everything
     return metrics
 
 
@@ -268,11 +279,40 @@ def _save_state_atomic(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _resolve_run(params: StylizeParams, state: dict | None, run_key: str, work: Path, a: int, b: int) -> tuple[dict | None, int, int]:
+    """(the state to continue from or None, the sequence's first frame, the first frame still to do) for a request
+    of global frames [a, b) (module docstring, "Long sequences"). Raises JobInputError when the request does not fit
+    the saved run."""
+    field = "params.sequence" if params.sequence else "params.resume"
+    if state is not None and state.get("fingerprint") != run_key:
+        if params.resume or (params.sequence and a != state.get("seq_start")):
+            what = f"sequence {params.sequence!r}" if params.sequence else str(work)
+            raise JobInputError(f"{what} was started with other inputs or settings", field,
+                                "repeat the interrupted request exactly (a sequence's requests share every setting "
+                                "but first_frame and resume), or start over without resume")
+        state = None
+    if state is None:
+        return None, a, a
+    seq_start, nxt = int(state["seq_start"]), int(state["next_frame"])
+    if params.sequence and a == nxt and a > seq_start:
+        return state, seq_start, a  # the next request of a sequence
+    if not params.resume:
+        if params.sequence and a != seq_start:
+            raise JobInputError(f"sequence {params.sequence!r} continues at frame {nxt}, not at {a}", "params.first_frame",
+                                f"send the request that starts at frame {nxt}, or resume: true to finish an interrupted one")
+        return None, a, a  # a new run over the old one
+    if nxt < a:
+        raise JobInputError(f"the saved run continues at frame {nxt}, not at {a}", "params.first_frame",
+                            f"send the request that starts at frame {nxt}")
+    return state, seq_start, max(a, nxt)
+
+
 def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: JobContext, *, parts=None,
             scheduler=None, on_chunk=None) -> dict:
     """Stylize every frame of `source` into `work/frames/` (module docstring), write `work/metrics.json`, return
     the metrics. `parts`/`scheduler` as in the texture job. `on_chunk(frames)`: called after each chunk's frames
-    are on disk (tests, the CLI's preview)."""
+    are on disk (tests, the CLI's preview). Frame numbers are global: the source's frame k is frame
+    ``params.first_frame + k`` (its file name, and its place in a `sequence`)."""
     import torch
 
     from concord.attention.keyframe import FrameMemory, frame_attention
@@ -285,6 +325,8 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
 
     t_all = time.perf_counter()
     n, H, W = len(source), source.height, source.width
+    a = params.first_frame
+    b = a + n
     has_motion = source.motion_source != "none"
     _check_against(params, n, has_motion)
     work = Path(work)
@@ -296,37 +338,49 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
     C = den.latent_channels
     cfg = params.guidance > 1.0
     groups = 2 if cfg else 1
-    keys = keyframe_indices(params.keyframes, n, params.keyframe_list)
-    default_strength = 1.0
+    if not _source_has_depth(source):  # every denoiser Concord runs is depth-conditioned
+        raise JobInputError(
+            f"model {getattr(model, 'name', parts.kind)!r} is conditioned on depth and the frames have none",
+            "arrays.depth", "render the Depth pass (View Layer > Passes > Data > Z) or pass --depth DIR to concord stylize")
+
+    # --- the work folder: what a resume or the next request of a sequence continues from ----------------------
+    frames_dir, state_path = work / FRAMES_DIR, work / STATE_FILE
+    model_name = str(getattr(model, "name", parts.kind))
+    if params.sequence:  # the requests of a sequence share every setting but where they start
+        run_key = fingerprint(params.model_copy(update={"first_frame": 0}), f"{H}x{W}:{source.motion_source}", model_name)
+    else:
+        run_key = fingerprint(params, f"{n}x{H}x{W}:{source.motion_source}:{_source_digest(source)}", model_name)
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    state, seq_start, first_todo = _resolve_run(params, state, run_key, work, a, b)
+    if state is None and work.exists():
+        shutil.rmtree(work)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+
+    total = params.sequence_frames or (b - seq_start)
+    if b > seq_start + total:
+        raise JobInputError(f"frames up to {b - 1} go past the sequence's {total} frames (from frame {seq_start})",
+                            "params.sequence_frames", "send the whole sequence's frame count")
+    keys = [seq_start + k for k in keyframe_indices(params.keyframes, total, params.keyframe_list)]
+    if state is None and any(not a <= k < b for k in keys):
+        raise JobInputError(f"keyframe(s) {[k for k in keys if not a <= k < b]} are not in the sequence's first request "
+                            f"(frames {a}..{b - 1})", "params.keyframes",
+                            "send the keyframes in the first request of a sequence, or use keyframes 'first'")
     r = _Run(
         steps=params.steps, guidance=params.guidance, keyframes=keys, use_keyframes=bool(keys),
         use_previous=params.keyframes == "first+previous", noise_mode=params.noise,
-        noise_strength=params.noise_strength if params.noise_strength is not None else default_strength,
+        noise_strength=params.noise_strength if params.noise_strength is not None else 1.0,
         blend_weight=params.blending.weight if has_motion else 0.0,
         blend_steps=int(np.ceil(params.blending.until * params.steps)),
     )
     spec = NoiseSpec(r.noise_mode, r.noise_strength)
-
     sched_template = job_scheduler(model, parts, scheduler)
     text = parts.text_embeddings(params.prompt, params.negative_prompt, guidance=cfg).to(device)
 
-    # --- the work folder and what a resume keeps ------------------------------------------------------------
-    frames_dir, state_path = work / FRAMES_DIR, work / STATE_FILE
-    digest_src = f"{n}x{H}x{W}:{source.motion_source}"
-    run_key = fingerprint(params, digest_src + ":" + _source_digest(source), str(getattr(model, "name", parts.kind)))
-    state = None
-    if params.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != run_key:
-            raise JobInputError(
-                f"{work} holds a run of other inputs or settings; a resume must repeat the same frames and parameters",
-                "params.resume", "send exactly the interrupted run's request again, or turn resume off to start over")
-    elif work.exists() and not params.resume:
-        shutil.rmtree(work)
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    def finished(g: int) -> bool:
+        return (frames_dir / frame_name(g)).exists()
 
-    def finished(i: int) -> bool:
-        return (frames_dir / frame_name(params.first_frame + i)).exists()
+    def read(g0: int, g1: int):  # global frames [g0, g1) of this request
+        return source.read(g0 - a, g1 - a)
 
     memory = FrameMemory(dtype=torch.float16 if device.type == "cuda" else None)
     calls = {"denoiser": 0}
@@ -342,35 +396,21 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
             return out
         return model_output
 
-    def control_for(depth: np.ndarray | None, count: int):
-        if depth is None:
-            control = torch.zeros((count, 1, H, W))
-        else:
-            control = torch.from_numpy(np.stack([depth_to_control(d) for d in depth]))[:, None]
+    def control_for(depth: np.ndarray, count: int):
+        control = torch.from_numpy(np.stack([depth_to_control(d) for d in depth]))[:, None]
         return den.prepare_control(control.to(device), (h, w)).repeat(groups, 1, 1, 1)
-
-    if not _source_has_depth(source):  # every denoiser Concord runs is depth-conditioned
-        raise JobInputError(
-            f"model {getattr(model, 'name', parts.kind)!r} is conditioned on depth and the frames have none",
-            "arrays.depth", "render the Depth pass (View Layer > Passes > Data > Z) or pass --depth DIR to concord stylize")
 
     def encode(images: np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
-        with torch.no_grad():
-            return codec.encode(x).float()
+        return codec.encode(x).float()
 
     def decode_write(latents, numbers: list[int], frames: FrameSet):
-        written = []
-        with torch.no_grad():
-            for j, i in enumerate(numbers):
-                ctx.raise_if_cancelled()
-                img = codec.decode(latents[j : j + 1]).float().cpu()[0].permute(1, 2, 0).numpy()
-                if frames.mask is not None:
-                    m = frames.mask[j][..., None]
-                    img = np.where(m, img, frames.image_float(j))
-                write_png_atomic(frames_dir / frame_name(params.first_frame + i), to_uint8(img))
-                written.append(i)
-        return written
+        for j, g in enumerate(numbers):
+            ctx.raise_if_cancelled()
+            img = codec.decode(latents[j : j + 1]).float().cpu()[0].permute(1, 2, 0).numpy()
+            if frames.mask is not None:
+                img = np.where(frames.mask[j][..., None], img, frames.image_float(j))
+            write_png_atomic(frames_dir / frame_name(g), to_uint8(img))
 
     def blend_hook_for(plan, src_maps, key_x0, carry_x0, chunk_next):
         """after_x0: latent blending (module docstring); the chunk's last frame's blended x0 per step is kept in
@@ -390,17 +430,16 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
                 else:
                     p = carry_x0[info.index][0].reshape(C, -1)
                 idx, ok = src_maps[j]
-                warped = p[:, idx]
-                flat[j] = torch.where(ok, (1 - r.blend_weight) * flat[j] + r.blend_weight * warped, flat[j])
+                flat[j] = torch.where(ok, (1 - r.blend_weight) * flat[j] + r.blend_weight * p[:, idx], flat[j])
             chunk_next[info.index] = flat[-1:].reshape(1, C, h, w).detach().clone()
             return flat.reshape_as(x0)
         return after_x0
 
-    def latent_maps(frames: FrameSet, valid, prev_depth, numbers: list[int], offset: int):
+    def latent_maps(frames: FrameSet, valid, prev_depth, numbers: list[int], g0: int):
         """Per chunk frame: its latent correspondence (torch idx, ok) to its previous frame, or None."""
         maps = []
-        for i in numbers:
-            link = _link(frames, valid, prev_depth, i, offset)
+        for g in numbers:
+            link = _link(frames, valid, prev_depth, g, g0, seq_start)
             if link is None:
                 maps.append(None)
                 continue
@@ -408,145 +447,129 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
             maps.append((torch.from_numpy(idx).to(device), torch.from_numpy(lok).to(device)))
         return maps
 
-    total_work = n
-    done_count = sum(finished(i) for i in range(n))
-    ctx.stage("stylizing", total=total_work, message=f"{done_count} of {n} frames already done" if done_count else "")
-    timings = {"keyframes_s": 0.0, "frames_s": 0.0}
-    peak_cache = 0
-
-    # --- the noise stream: frame i's noise needs frames 0..i's motion; it is cheap (no denoiser) ---------------
-    def new_stream():
-        return FrameNoiseStream(spec, (C, h, w), (H, W), torch.Generator().manual_seed(int(params.seed)))
-
-    def noise_upto(stream, start: int, stop: int, chunk_frames: FrameSet, valid, prev_depth, offset: int):
-        """Advance `stream` over frames start..stop-1 (all present in chunk_frames from `offset`); returns them."""
+    def noise_for(stream, g0: int, g1: int, frames: FrameSet, valid, prev_depth):
+        """Advance `stream` over frames g0..g1-1 (all in `frames`, which starts at g0); returns their noise."""
         out = []
-        for i in range(start, stop):
-            link = _link(chunk_frames, valid, prev_depth, i, offset)
+        for g in range(g0, g1):
+            link = _link(frames, valid, prev_depth, g, g0, seq_start)
             out.append(stream.next() if link is None else stream.next(*link))
         return out
 
+    def new_stream():
+        return FrameNoiseStream(spec, (C, h, w), (H, W), torch.Generator().manual_seed(int(params.seed)))
+
+    def set_step(i):
+        ctx.raise_if_cancelled()
+        memory.step = i
+
+    def save_state(next_frame: int, stream, carry_x0: dict, last_depth) -> None:
+        _save_state_atomic(state_path, {
+            "fingerprint": run_key, "seq_start": seq_start, "next_frame": next_frame, "keyframes_done": True,
+            "memory": memory.state_dict(), "key_x0": {s: t.cpu() for s, t in key_x0.items()},
+            "noise": None if stream is None else stream.state_dict(),
+            "carry_x0": {s: t.cpu() for s, t in carry_x0.items()}, "last_depth": last_depth,
+        })
+
+    done_before = sum(finished(g) for g in range(a, b))
+    ctx.stage("stylizing", total=n, message=f"{done_before} of {n} frames already done" if done_before else "")
+    timings = {"keyframes_s": 0.0, "frames_s": 0.0}
+    peak_cache = 0
     key_x0: dict = {}
     with frame_attention(den.modules, memory), torch.no_grad():
         # --- 1. keyframes: denoised together, their attention record and x0s kept ------------------------------
-        if keys:
-            if state is not None and state.get("keyframes_done"):
-                memory.load_state_dict(state["memory"], device)
-                key_x0 = {s: t.to(device) for s, t in state["key_x0"].items()}
-            else:
-                t0 = time.perf_counter()
-                kstream = new_stream()
-                knoise, last_depth = {}, None
-                for i in range(0, max(keys) + 1, params.chunk_frames):  # stream the noise up to the last keyframe
-                    stop = min(i + params.chunk_frames, max(keys) + 1)
-                    fr, valid = source.read(i, stop)
-                    for off, z in enumerate(noise_upto(kstream, i, stop, fr, valid, last_depth, i)):
-                        if i + off in keys:
-                            knoise[i + off] = z
-                    last_depth = None if fr.depth is None else fr.depth[-1]
-                kf = [source.read(k, k + 1)[0] for k in keys]
-                images = np.concatenate([x.image_float() for x in kf])
-                depth = None if kf[0].depth is None else np.concatenate([x.depth for x in kf])
-                emb = text.repeat_interleave(len(keys), dim=0)
-                memory.phase, memory.keyframe_count = "keyframes", len(keys)
-                x0_rec: dict = {}
+        if state is not None:
+            memory.load_state_dict({"keyframes": state["memory"]["keyframes"], "carry": state["memory"]["carry"]}, device)
+            key_x0 = {s: t.to(device) for s, t in state["key_x0"].items()}
+        elif keys:
+            t0 = time.perf_counter()
+            kstream, knoise, last_depth = new_stream(), {}, None
+            for g0 in range(a, max(keys) + 1, params.chunk_frames):  # the noise stream up to the last keyframe
+                g1 = min(g0 + params.chunk_frames, max(keys) + 1)
+                fr, valid = read(g0, g1)
+                for off, z in enumerate(noise_for(kstream, g0, g1, fr, valid, last_depth)):
+                    if g0 + off in keys:
+                        knoise[g0 + off] = z
+                last_depth = fr.depth[-1]
+            kf = [read(k, k + 1)[0] for k in keys]
+            images = np.concatenate([x.image_float() for x in kf])
+            depth = np.concatenate([x.depth for x in kf])
+            mask = None if kf[0].mask is None else np.concatenate([x.mask for x in kf])
+            memory.phase, memory.keyframe_count = "keyframes", len(keys)
+            x0_rec: dict = {}
 
-                def key_after_x0(info, x0):
-                    x0_rec[info.index] = x0.detach().clone()
-                    return x0
+            def key_after_x0(info, x0):
+                x0_rec[info.index] = x0.detach().clone()
+                return x0
 
-                def set_step(i):
-                    ctx.raise_if_cancelled()
-                    memory.step = i
-
-                sched = fresh_scheduler(sched_template)
-                noise = torch.stack([knoise[k] for k in keys]).to(device)
-                lat = sample(model_output_for(emb, control_for(depth, len(keys))), sched, noise, r.steps,
-                             Hooks(before_step=set_step, after_x0=key_after_x0), device=device, copy_scheduler=False,
-                             init=encode(images), strength=params.strength)
-                key_x0 = x0_rec
-                ctx.raise_if_cancelled()
-                decode_write(lat, keys, FrameSet(images, depth, None, None if kf[0].mask is None else np.concatenate([x.mask for x in kf])))
-                _save_state_atomic(state_path, {"fingerprint": run_key, "keyframes_done": True,
-                                                "memory": memory.state_dict(),
-                                                "key_x0": {s: t.cpu() for s, t in key_x0.items()},
-                                                "next_frame": 0})
-                state = torch.load(state_path, map_location="cpu", weights_only=False)
-                timings["keyframes_s"] += time.perf_counter() - t0
-                ctx.advance(sum(finished(i) for i in range(n)))
-            peak_cache = max(peak_cache, memory.nbytes())
+            lat = sample(model_output_for(text.repeat_interleave(len(keys), dim=0), control_for(depth, len(keys))),
+                         fresh_scheduler(sched_template), torch.stack([knoise[k] for k in keys]).to(device), r.steps,
+                         Hooks(before_step=set_step, after_x0=key_after_x0), device=device, copy_scheduler=False,
+                         init=encode(images), strength=params.strength)
+            key_x0 = x0_rec
+            ctx.raise_if_cancelled()
+            decode_write(lat, keys, FrameSet(images, depth, None, mask))
+            save_state(a, None, {}, None)  # keyframes done; the frames start at a
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            timings["keyframes_s"] += time.perf_counter() - t0
+            ctx.advance(sum(finished(g) for g in range(a, b)))
+        peak_cache = max(peak_cache, memory.nbytes())
 
         # --- 2. the other frames, chunk by chunk ------------------------------------------------------------------
-        stream = new_stream()
-        carry_x0: dict = {}
-        start = 0
-        if state is not None and state.get("next_frame", 0) > 0:
-            start = int(state["next_frame"])
+        stream, carry_x0, prev_depth = new_stream(), {}, None
+        if state is not None and state.get("noise") is not None:
             stream.load_state_dict(state["noise"])
-            memory.carry = {k: tuple(t.to(device) for t in kv) for k, kv in state["carry"].items()}
+            memory.carry = {k: tuple(t.to(device) for t in kv) for k, kv in state["memory"]["carry"].items()}
             carry_x0 = {s: t.to(device) for s, t in state["carry_x0"].items()}
-        prev_depth = None
-        if start > 0:
-            prev = source.read(start - 1, start)[0]
-            prev_depth = None if prev.depth is None else prev.depth[0]
-        i = start
-        while i < n:
+            prev_depth = state["last_depth"]
+        g = first_todo
+        if state is not None and state.get("noise") is None and first_todo > a:
+            raise JobInputError("the saved run has no frame state to continue from", "params.resume", "start over without resume")
+        while g < b:
             t0 = time.perf_counter()
-            stop = min(i + params.chunk_frames + sum(1 for k in keys if i <= k < i + params.chunk_frames), n)
-            fr, valid = source.read(i, stop)
-            noises = noise_upto(stream, i, stop, fr, valid, prev_depth, i)
-            chunk = [k for k in range(i, stop) if k not in keys]
-            if not chunk:  # only keyframes in this stretch
-                prev_depth = None if fr.depth is None else fr.depth[-1]
-                i = stop
-                continue
-            sel = [k - i for k in chunk]
-            sub = FrameSet(fr.image[sel], None if fr.depth is None else fr.depth[sel],
-                           None if fr.motion is None else fr.motion[sel], None if fr.mask is None else fr.mask[sel])
-            plan = previous_plan(chunk, keys, r.use_previous)
-            memory.phase, memory.previous, memory.record_last = "frames", plan, True
-            memory.use_keyframes = r.use_keyframes
-            src_maps = latent_maps(fr, valid, prev_depth, chunk, i) if r.blend_weight > 0 else [None] * len(chunk)
-            blend_plan = previous_plan(chunk, keys, True)  # blending always reads the frame before
-            next_x0: dict = {}
-            emb = text.repeat_interleave(len(chunk), dim=0)
-
-            def set_step(s):
+            g1 = min(g + params.chunk_frames + sum(1 for k in keys if g <= k < g + params.chunk_frames), b)
+            fr, valid = read(g, g1)
+            noises = noise_for(stream, g, g1, fr, valid, prev_depth)
+            chunk = [k for k in range(g, g1) if k not in keys]
+            if chunk:
+                sel = [k - g for k in chunk]
+                sub = FrameSet(fr.image[sel], fr.depth[sel], None if fr.motion is None else fr.motion[sel],
+                               None if fr.mask is None else fr.mask[sel])
+                memory.phase, memory.record_last = "frames", True
+                memory.previous = previous_plan(chunk, keys, r.use_previous, seq_start)
+                memory.use_keyframes = r.use_keyframes
+                src_maps = latent_maps(fr, valid, prev_depth, chunk, g) if r.blend_weight > 0 else [None] * len(chunk)
+                next_x0: dict = {}
+                lat = sample(model_output_for(text.repeat_interleave(len(chunk), dim=0), control_for(sub.depth, len(chunk))),
+                             fresh_scheduler(sched_template), torch.stack([noises[k - g] for k in chunk]).to(device),
+                             r.steps,
+                             Hooks(before_step=set_step,
+                                   after_x0=blend_hook_for(previous_plan(chunk, keys, True, seq_start), src_maps,
+                                                           key_x0, carry_x0, next_x0)),
+                             device=device, copy_scheduler=False, init=encode(sub.image_float()), strength=params.strength)
                 ctx.raise_if_cancelled()
-                memory.step = s
-
-            sched = fresh_scheduler(sched_template)
-            noise = torch.stack([noises[k - i] for k in chunk]).to(device)
-            lat = sample(model_output_for(emb, control_for(sub.depth, len(chunk))), sched, noise, r.steps,
-                         Hooks(before_step=set_step,
-                               after_x0=blend_hook_for(blend_plan, src_maps, key_x0, carry_x0, next_x0)),
-                         device=device, copy_scheduler=False, init=encode(sub.image_float()), strength=params.strength)
-            ctx.raise_if_cancelled()
-            decode_write(lat, chunk, sub)
-            memory.advance_carry()
-            carry_x0 = next_x0
-            peak_cache = max(peak_cache, memory.nbytes())
-            _save_state_atomic(state_path, {
-                "fingerprint": run_key, "keyframes_done": bool(keys), "memory": memory.state_dict() if keys else None,
-                "key_x0": {s: t.cpu() for s, t in key_x0.items()}, "next_frame": stop,
-                "noise": stream.state_dict(), "carry": {k: tuple(t.cpu() for t in kv) for k, kv in memory.carry.items()},
-                "carry_x0": {s: t.cpu() for s, t in carry_x0.items()},
-            })
-            prev_depth = None if fr.depth is None else fr.depth[-1]
+                decode_write(lat, chunk, sub)
+                memory.advance_carry()
+                carry_x0 = next_x0
+                peak_cache = max(peak_cache, memory.nbytes())
+            prev_depth = fr.depth[-1]
+            save_state(g1, stream, carry_x0, prev_depth)
             timings["frames_s"] += time.perf_counter() - t0
-            ctx.advance(sum(finished(k) for k in range(n)))
-            if on_chunk is not None:
+            ctx.advance(sum(finished(k) for k in range(a, b)))
+            if on_chunk is not None and chunk:
                 on_chunk(chunk)
-            i = stop
+            g = g1
 
     ctx.stage("measuring")
-    metrics = _measure(source, frames_dir, params.first_frame, n)
+    metrics = _measure(source, frames_dir, a, n)
     metrics.update({
         "kind": "stylize",
         "model": getattr(model, "name", None),
         "model_kind": parts.kind,
         "device": str(device),
         "frames": n,
+        "first_frame": a,
+        "sequence": params.sequence,
+        "sequence_start": seq_start,
         "frame_size": [W, H],
         "latent_size": [w, h],
         "keyframes": keys,
@@ -565,17 +588,15 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
     return metrics
 
 
-def _link(frames: FrameSet, valid, prev_depth, i: int, offset: int):
-    """(source, valid) of sequence frame i (at index i - offset of `frames`) to frame i - 1 (`correspondence`, and
-    the motion's own validity when the source gives one), or None for frame 0 or frames without motion.
-    `prev_depth`: the depth of frame offset - 1 (the frame before `frames`), for its occlusion test."""
-    if i == 0 or frames.motion is None:
+def _link(frames: FrameSet, valid, prev_depth, g: int, g0: int, seq_start: int):
+    """(source, valid) of global frame g (at index g - g0 of `frames`) to frame g - 1 (`correspondence`, and the
+    motion's own validity when the source gives one), or None for the sequence's first frame or frames without
+    motion. `prev_depth`: the depth of frame g0 - 1 (before `frames`), for its occlusion test."""
+    if g == seq_start or frames.motion is None:
         return None
-    k = i - offset
-    d_prev = None
-    if frames.depth is not None:
-        d_prev = frames.depth[k - 1] if k > 0 else prev_depth
-    src, ok = correspondence(frames.motion[k], None if frames.depth is None else frames.depth[k], d_prev)
+    k = g - g0
+    d_prev = frames.depth[k - 1] if k > 0 else prev_depth
+    src, ok = correspondence(frames.motion[k], frames.depth[k], d_prev)
     if valid is not None:
         ok &= valid[k]
     return src, ok
