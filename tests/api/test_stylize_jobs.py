@@ -13,7 +13,7 @@ from PIL import Image
 
 from concord.pipelines.stylize import frame_name
 from tests.api.helpers import job_files, wait_for
-from tests.server.spinning import spinning_frames
+from concord.micro.animation import spinning_frames
 
 
 

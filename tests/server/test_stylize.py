@@ -22,7 +22,7 @@ from concord.pipelines.stylize import (
     previous_plan,
     stylize,
 )
-from tests.server.spinning import spinning_frames
+from concord.micro.animation import spinning_frames
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from concord.stylize_command import main
-from tests.server.spinning import spinning_frames
+from concord.micro.animation import spinning_frames
 
 
 @pytest.fixture(autouse=True, scope="module")
