@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from concord.consistency_eval import measure, render_fixture_views  # noqa: E402
+from concord.consistency_eval import PROCEDURAL_OBJECTS, measure, procedural_mesh_file, render_fixture_views  # noqa: E402
 from concord.models.registry import load_model  # noqa: E402
 
 MESH = ROOT / "tests" / "fixtures" / "meshes" / "barrel" / "barrel.glb"
@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "out" / "bench-consistency"))
+    ap.add_argument("--procedural", action="store_true",
+                    help="also measure held-out procedural meshes (box, capsule, cylinder; xatlas UVs): independent, "
+                         "shared attention, all")
     args = ap.parse_args()
     model = load_model(args.model, "auto")
     views = render_fixture_views(MESH, args.size)
@@ -42,7 +45,19 @@ def main() -> None:
     rows = measure(model, views, PROMPT, seeds=tuple(range(args.seeds)), steps=args.steps, out_dir=out)
     for r in rows:
         r.update(model=args.model, mesh=MESH.name, prompt=PROMPT, views=views.num_views, size=args.size, steps=args.steps)
-    report("consistency", rows, ["config", "disagreement", "ratio_to_independent", "per_seed", "coverage", "seconds"])
+    if args.procedural:
+        from concord.consistency_eval import CONFIGS
+
+        pick = {k: CONFIGS[k] for k in ("independent", "shared attention", "grid", "all")}
+        for name, _build, prompt in PROCEDURAL_OBJECTS:
+            mesh_views = render_fixture_views(procedural_mesh_file(name, out), args.size, unwrap=True)
+            extra = measure(model, mesh_views, prompt, seeds=tuple(range(args.seeds)), steps=args.steps,
+                            out_dir=out / f"procedural-{name}", configs=pick)
+            for r in extra:
+                r.update(model=args.model, mesh=f"procedural {name}", prompt=prompt, views=mesh_views.num_views,
+                         size=args.size, steps=args.steps)
+            rows += extra
+    report("consistency", rows, ["mesh", "config", "disagreement", "ratio_to_independent", "per_seed", "coverage", "seconds"])
     # Picture: the same seed, independent (left) vs all mechanisms (right).
     pics = [np.asarray(Image.open(out / name / "seed0" / "grid.png").convert("RGB")) for name in ("independent", "all")]
     half = [p[: p.shape[0] // 2] for p in pics]  # the views, without the control row

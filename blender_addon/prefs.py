@@ -5,7 +5,8 @@ timeout); a ``bpy.app.timers`` callback picks the answer up on the main thread a
 preferences: model, device and protocol version, or exactly why not (refused/down, wrong token, protocol
 mismatch, timeout). In background mode (no event loop) the operator waits for the thread instead. A successful
 check also fills the current scene's view size / steps / guidance / texture size with the model's recommended
-settings when its "Model Defaults" switch is on (``props.fill_model_defaults``, on the main thread).
+settings when its "Model Defaults" switch is on (``props.fill_model_defaults``, on the main thread), and the Stylize
+Animation panel's steps / guidance / frame size when its own switch is on (``props.stylize.fill_model_defaults``).
 
 Layer rule: a bpy layer (preferences UI). Network only through ``core.client`` on a worker thread.
 """
@@ -178,13 +179,19 @@ def _store(prefs, kind: str, value) -> tuple[str, bool]:
 
 
 def _fill_scene_defaults(health: dict) -> None:
-    """The current scene takes the server model's recommended settings where its Model Defaults switch is on."""
+    """The current scene takes the server model's recommended settings where its Model Defaults switches (texture,
+    stylize) are on."""
     from .props import fill_model_defaults
 
     scene = getattr(bpy.context, "scene", None)
     settings = getattr(scene, "concord", None) if scene is not None else None
     if settings is not None and settings.model_defaults:
         fill_model_defaults(settings, health)
+    stylize = getattr(scene, "concord_stylize", None) if scene is not None else None
+    if stylize is not None and stylize.model_defaults:  # the Stylize Animation panel's own switch
+        from .props.stylize import fill_model_defaults as fill_stylize_defaults
+
+        fill_stylize_defaults(stylize, health)
 
 
 classes = (ConcordPreferences, CONCORD_OT_check_server)

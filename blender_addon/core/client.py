@@ -59,6 +59,12 @@ class Progress:
     message: str
 
 
+def _failed(error: str | None) -> str:
+    """The message for a failed job: the server's error, prefixed once with "the job failed"."""
+    error = error or "unknown error"
+    return error if error.startswith("the job failed") else f"the job failed: {error}"
+
+
 def encode_multipart(fields: dict[str, tuple[str | None, bytes, str]]) -> tuple[bytes, str]:
     """multipart/form-data body. fields: name -> (filename or None, content, content type)."""
     boundary = "concord-" + uuid.uuid4().hex
@@ -256,7 +262,7 @@ class ConcordClient:
                 return st
             if st["state"] == "failed":
                 err = st.get("error") or {}
-                raise ServerError(f"the job failed: {err.get('error', 'unknown error')}", hint=err.get("hint"), field=err.get("field"))
+                raise ServerError(_failed(err.get("error")), hint=err.get("hint"), field=err.get("field"))
             if st["state"] == "cancelled":
                 raise JobCancelledError("the job was cancelled")
             if should_cancel is not None and should_cancel() and not cancel_sent:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .client import ConcordClient, JobCancelledError, ServerError, progress_of
+from .client import ConcordClient, JobCancelledError, ServerError, _failed, progress_of
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class JobWorker:
                 return
             if st["state"] == "failed":
                 err = st.get("error") or {}
-                raise ServerError(f"the job failed: {err.get('error', 'unknown error')}", hint=err.get("hint"), field=err.get("field"))
+                raise ServerError(_failed(err.get("error")), hint=err.get("hint"), field=err.get("field"))
             if st["state"] == "cancelled":
                 raise JobCancelledError("the job was cancelled on the server")
             with self._cv:

@@ -47,6 +47,7 @@ RECOMMENDED_FIELDS = ("view_size", "steps", "guidance", "texture_size", "native_
 MODEL_DEFAULT_PARAMS = {
     "depth_image": ("steps", "guidance"),
     "texture": ("steps", "guidance", "texture_size"),
+    "stylize": ("steps", "guidance"),
 }
 
 # Job kinds the add-on submits, with the parameters it may send.
@@ -56,5 +57,11 @@ JOB_PARAMS = {
     "texture": (
         "prompt", "negative_prompt", "seed", "steps", "guidance", "conditioning_scale", "texture_size",
         "consistency", "bake",
+    ),
+    # StylizeParams' fields; the add-on sends one request per chunk of a sequence (core/stylize.chunk_params)
+    "stylize": (
+        "prompt", "negative_prompt", "seed", "strength", "steps", "guidance", "conditioning_scale", "keyframes",
+        "keyframe_list", "noise", "noise_strength", "blending", "chunk_frames", "first_frame", "motion_source",
+        "resume", "sequence", "sequence_frames",
     ),
 }

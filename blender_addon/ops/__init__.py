@@ -1,14 +1,17 @@
-"""Operators: texture the selected mesh, cancel, add a UV map. Apply logic in ``apply``.
+"""Operators: texture the selected mesh, cancel, add a UV map (``texture``; apply logic in ``apply``); stylize the
+scene's animation and cancel it (``stylize``).
 
 Layer rule: a bpy layer; main thread only. Network only through ``core.jobs.JobWorker``.
 """
 
-from . import texture
+from . import stylize, texture
 
 
 def register():
     texture.register()
+    stylize.register()
 
 
 def unregister():
+    stylize.unregister()
     texture.unregister()

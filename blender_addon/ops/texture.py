@@ -240,7 +240,9 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
 
     def execute(self, context):
         global _ACTIVE
-        if _ACTIVE is not None:
+        from .stylize import stylize_running
+
+        if _ACTIVE is not None or stylize_running():
             self.report({"ERROR"}, "A Concord job is already running: wait for it or cancel it")
             return {"CANCELLED"}
         refusal = online_access_refusal(server_settings(context)[0])

@@ -148,12 +148,18 @@ _register, _unregister = bpy.utils.register_classes_factory(classes)
 
 
 def register():
+    from . import stylize
+
     _register()
     bpy.types.Scene.concord = PointerProperty(type=ConcordSettings)
     bpy.types.WindowManager.concord_job = PointerProperty(type=ConcordJobState)
+    stylize.register()  # Scene.concord_stylize, WindowManager.concord_stylize_job
 
 
 def unregister():
+    from . import stylize
+
+    stylize.unregister()
     del bpy.types.WindowManager.concord_job
     del bpy.types.Scene.concord
     _unregister()

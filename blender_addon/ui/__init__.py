@@ -138,4 +138,18 @@ class CONCORD_PT_consistency(bpy.types.Panel):
 
 
 classes = (CONCORD_PT_texture, CONCORD_PT_consistency)
-register, unregister = bpy.utils.register_classes_factory(classes)
+_register, _unregister = bpy.utils.register_classes_factory(classes)
+
+
+def register():
+    from . import stylize
+
+    _register()
+    stylize.register()  # the "Concord Stylize Animation" panel, below this one
+
+
+def unregister():
+    from . import stylize
+
+    stylize.unregister()
+    _unregister()

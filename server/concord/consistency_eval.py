@@ -33,13 +33,34 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def render_fixture_views(mesh_path: str | Path, size: int = 64, rig: str = "zero123pp"):
-    """A ViewSet of a mesh file from a rig (the same path `concord texture` takes)."""
+#: Held-out procedural objects: meshes the micro model never saw as meshes (its training renders exact SDFs of its
+#: own primitives), unwrapped by xatlas, with prompts of its grammar. (name, trimesh constructor, prompt)
+PROCEDURAL_OBJECTS = (
+    ("box", lambda tm: tm.creation.box(extents=(1.0, 0.8, 1.2)), "a blue and white checker box"),
+    ("capsule", lambda tm: tm.creation.capsule(height=0.9, radius=0.45, count=[24, 24]), "a green and black dots capsule"),
+    ("cylinder", lambda tm: tm.creation.cylinder(radius=0.5, height=1.1, sections=32), "a red and yellow checker cylinder"),
+)
+
+
+def procedural_mesh_file(name: str, folder: Path) -> Path:
+    """One of PROCEDURAL_OBJECTS written as a GLB (axis of revolution up, +Y as glTF wants) into `folder`."""
+    import trimesh
+
+    build = {n: f for n, f, _ in PROCEDURAL_OBJECTS}[name]
+    mesh = build(trimesh)
+    mesh.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))  # z-up -> y-up
+    path = Path(folder) / f"{name}.glb"
+    mesh.export(path)
+    return path
+
+
+def render_fixture_views(mesh_path: str | Path, size: int = 64, rig: str = "zero123pp", unwrap: bool = False):
+    """A ViewSet of a mesh file from a rig (the same path `concord texture` takes; `unwrap`: xatlas UVs)."""
     from concord.geometry.mesh import load_mesh
     from concord.geometry.render import render_views
     from concord.geometry.rigs import parse_rig
 
-    mesh = load_mesh(mesh_path)
+    mesh = load_mesh(mesh_path, unwrap="always" if unwrap else False)
     cams = parse_rig(rig).with_frame(mesh.up, mesh.front).cameras(*mesh.bounding_sphere(), size, size)
     views = render_views(mesh, [(c.K, c.world_to_camera) for c in cams], size, size)
     return views.validate()

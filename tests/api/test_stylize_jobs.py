@@ -61,3 +61,18 @@ def test_a_sequence_streams_in_requests_and_the_server_keeps_only_its_state(clie
     bad = client.post("/v1/jobs", files=job_files("stylize", {"prompt": prompt, "steps": 2, "sequence": "bad name!"},
                                                   {"image": fs.image, "depth": fs.depth, "motion": fs.motion}))
     assert bad.status_code == 422 and "sequence" in bad.text
+
+
+def test_a_finished_request_whose_result_was_missed_can_be_repeated(client):
+    fs, prompt = spinning_frames(4)
+    params = {"prompt": prompt, "steps": 2, "sequence": "shot-B", "first_frame": 0, "sequence_frames": 4}
+    arrays = {"image": fs.image[:2], "depth": fs.depth[:2], "motion": fs.motion[:2]}
+    first = wait_for(client, client.post("/v1/jobs", files=job_files("stylize", params, arrays)).json()["id"])
+    assert first["state"] == "done", first
+    # the client lost that result: the same request again with resume gives the same frames, nothing recomputed
+    again = wait_for(client, client.post("/v1/jobs", files=job_files("stylize", {**params, "resume": True}, arrays)).json()["id"])
+    assert again["state"] == "done", again
+    zf = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/jobs/{again['id']}/result").content))
+    assert json.loads(zf.read("metrics.json"))["denoiser_calls"] == 0
+    zf1 = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/jobs/{first['id']}/result").content))
+    assert zf.read(f"frames/{frame_name(1)}") == zf1.read(f"frames/{frame_name(1)}")

@@ -39,12 +39,14 @@ def test_enable_disable_twice(bpy_module):
         assert hasattr(bpy.types, "CONCORD_PT_texture")
         assert "blender_addon" in bpy.context.preferences.addons
         assert bpy.context.preferences.addons["blender_addon"].preferences.server_url == "http://127.0.0.1:8765"
-        for op in ("texture_mesh", "cancel_job", "add_uv_map", "check_server"):
+        assert hasattr(bpy.types.Scene, "concord_stylize") and hasattr(bpy.types, "CONCORD_PT_stylize")
+        for op in ("texture_mesh", "cancel_job", "add_uv_map", "check_server", "stylize_animation", "cancel_stylize"):
             assert hasattr(bpy.ops.concord, op)
         addon_utils.disable("blender_addon", default_set=True, handle_error=None)
         assert not hasattr(bpy.types.Scene, "concord")
         assert not hasattr(bpy.types.WindowManager, "concord_job")
         assert not hasattr(bpy.types, "CONCORD_PT_texture")
+        assert not hasattr(bpy.types.Scene, "concord_stylize") and not hasattr(bpy.types, "CONCORD_PT_stylize")
         assert "blender_addon" not in bpy.context.preferences.addons
 
 
@@ -52,7 +54,8 @@ def test_core_imports_without_bpy():
     # the add-on's core is plain Python: a fresh interpreter without bpy imported must load it
     code = (
         "import sys; import blender_addon, blender_addon.core.rigs, blender_addon.core.jobs, "
-        "blender_addon.core.packing, blender_addon.core.results, blender_addon.core.camera; "
+        "blender_addon.core.packing, blender_addon.core.results, blender_addon.core.camera, "
+        "blender_addon.core.stylize; "
         "bad = [m for m in ('bpy', 'torch', 'diffusers', 'concord') if m in sys.modules]; "
         "assert not bad, bad"
     )

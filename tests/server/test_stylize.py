@@ -205,3 +205,12 @@ def test_a_sequence_sent_in_several_requests_equals_one_request(micro, tmp_path)
     m = stylize(micro, _params(prompt, sequence="shot1", first_frame=7, sequence_frames=9),
                 ArraySource(fs.slice(5, 7)), work, ctx_for(tmp_path))
     assert m["denoiser_calls"] == 3 and (work / "frames" / frame_name(8)).exists()
+
+
+def test_a_sequence_the_server_does_not_know_cannot_start_in_the_middle(micro, tmp_path):
+    fs, prompt = spinning_frames(3)
+    for resume in (False, True):
+        with pytest.raises(JobInputError) as e:
+            stylize(micro, _params(prompt, sequence="lost", first_frame=5, sequence_frames=9, resume=resume),
+                    ArraySource(fs), tmp_path / "lost", ctx_for(tmp_path))
+        assert e.value.field == "params.sequence" and "first_frame 0" in e.value.hint

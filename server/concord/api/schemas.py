@@ -248,8 +248,8 @@ class StylizeParams(_Strict):
     sequence: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Name of a sequence sent in several requests: the server keeps the keyframes' attention record, "
-        "the previous frame's and the noise between them. The first request starts it (and holds its keyframes); "
-        "each next one starts at the frame after the previous one's last (first_frame).",
+        "the previous frame's and the noise between them. The first request starts it at first_frame 0 (and holds "
+        "its keyframes); each next one starts at the frame after the previous one's last (first_frame).",
     )
     sequence_frames: int | None = Field(
         default=None, ge=1, le=10**7, description="Frames in the whole sequence (for keyframes 'middle'); default: this request's."

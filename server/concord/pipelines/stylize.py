@@ -244,8 +244,11 @@ def run(model, params: StylizeParams, arrays: dict, ctx: JobContext, **kw) -> di
         shutil.copy2(work / FRAMES_DIR / name, out / FRAMES_DIR / name)
     shutil.copy2(work / "metrics.json", out / "metrics.json")
     if params.sequence:
-        for name in names:  # delivered: the sequence keeps only its state
-            (work / FRAMES_DIR / name).unlink(missing_ok=True)
+        # A request at frame a means the client has every frame before a: those go. This request's frames stay
+        # until the next request, so a client that missed this result can repeat it with resume: true.
+        for f in (work / FRAMES_DIR).glob("frame_*.png"):
+            if int(f.stem.split("_")[1]) < params.first_frame:
+                f.unlink(missing_ok=True)
     else:
         shutil.rmtree(work, ignore_errors=True)  # finished: the result folder holds everything
     return metrics
@@ -292,6 +295,10 @@ def _resolve_run(params: StylizeParams, state: dict | None, run_key: str, work: 
                                 "but first_frame and resume), or start over without resume")
         state = None
     if state is None:
+        if params.sequence and a != 0:
+            raise JobInputError(f"the server has no saved state of sequence {params.sequence!r} to continue at frame {a} "
+                                "(it was never started here, or the server's data folder was cleared)",
+                                "params.sequence", "start the sequence again from its first request (first_frame 0)")
         return None, a, a
     seq_start, nxt = int(state["seq_start"]), int(state["next_frame"])
     if params.sequence and a == nxt and a > seq_start:
