@@ -10,8 +10,12 @@ What it does, all on this machine and offline:
    upload -> server job -> download into ``OUT/concord/<object>_<timestamp>/`` -> new image + material): once
    with every view on its own, once jointly (shared attention, UV sync, UV noise), and puts their views side
    by side in ``consistency.png``;
-4. renders a Cycles turntable (8 frames, 256 px, 16 samples) and tiles it into ``turntable.png`` with PIL;
-5. writes into OUT: ``demo.blend``, ``texture.png``, ``grid.png`` (the generated views), ``turntable.png``,
+4. animates the textured object turning (12 frames), renders it with Cycles, and stylizes it through the add-on's
+   own ``concord.stylize_animation`` operator twice -- frames on their own, then Concord's defaults (keyframe and
+   previous-frame attention, noise warped along Blender's motion vectors) -- writing ``stylize.png`` (rows: input,
+   independent, Concord), ``stylize_preview.mp4`` and ``stylize.json`` (the warping errors; docs/stylize.md);
+5. renders a Cycles turntable (8 frames, 256 px, 16 samples) and tiles it into ``turntable.png`` with PIL;
+6. writes into OUT: ``demo.blend``, ``texture.png``, ``grid.png`` (the generated views), ``turntable.png``,
    ``panel.png`` (the add-on's sidebar panel, drawn from its own ``draw()``: a headless Blender cannot take a
    screenshot), and prints where.
 
@@ -44,6 +48,8 @@ DEMO_SETTINGS = {
 TURNTABLE_FRAMES = 8
 TURNTABLE_SIZE = 256
 TURNTABLE_SAMPLES = 16
+STYLIZE_FRAMES = 12  # Suzanne turning, 6 degrees a frame
+STYLIZE_PROMPT = {"micro": "a blue and white checker sphere", "tiny": "a watercolour painting of a monkey head"}
 
 
 def _say(msg: str) -> None:
@@ -151,6 +157,104 @@ def render_turntable(bpy, ob, out_png: Path, frames: int = TURNTABLE_FRAMES, siz
         sheet.paste(tile, ((i % cols) * size, (i // cols) * size))
     sheet.save(out_png)
     return out_png
+
+
+def _warp_error_of(folder: Path) -> float | None:
+    """The mean temporal warping error over the frames of a stylized run, from the server's per-request metrics
+    (each request's first frame has no previous frame inside its request, so it is left out)."""
+    import json
+
+    values = []
+    for f in sorted((folder / "metrics").glob("*.json")):
+        values += [v for v in json.loads(f.read_text())["warping_error"]["per_frame"] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def stylize_turning(bpy, ob, out_dir: Path, model: str) -> dict:
+    """Animate the textured object turning (STYLIZE_FRAMES frames), render it with the scene's own engine, and
+    stylize it through the add-on's own operator twice: frames on their own (no keyframe attention, iid noise)
+    and Concord's defaults (keyframe + previous-frame attention, noise warped along Blender's motion vectors).
+    Writes OUT/stylize/{input,independent,concord}/, stylize.png (rows: input, independent, Concord),
+    stylize_preview.mp4 (input | Concord) and stylize.json (the warping errors)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from concord.frames.io import PreviewWriter
+
+    scene = bpy.context.scene
+    root = out_dir / "stylize"
+    shutil.rmtree(root, ignore_errors=True)
+    ob.rotation_euler = (0.0, 0.0, 0.0)
+    ob.keyframe_insert("rotation_euler", frame=1)
+    ob.rotation_euler = (0.0, 0.0, math.radians(6.0 * (STYLIZE_FRAMES - 1)))
+    ob.keyframe_insert("rotation_euler", frame=STYLIZE_FRAMES)
+    for fc in ob.animation_data.action.fcurves if hasattr(ob.animation_data.action, "fcurves") else []:
+        for k in fc.keyframe_points:
+            k.interpolation = "LINEAR"
+    scene.frame_start, scene.frame_end = 1, STYLIZE_FRAMES
+    cam = bpy.data.objects.new("Stylize Camera", bpy.data.cameras.new("Stylize Camera"))
+    cam.data.lens = 50.0
+    scene.collection.objects.link(cam)
+    cam.location = (0.0, -7.5, 1.2)
+    _look_at(bpy, cam, ob.matrix_world.translation)
+    scene.camera = cam
+    sun = bpy.data.objects.new("Stylize Sun", bpy.data.lights.new("Stylize Sun", "SUN"))
+    sun.data.energy = 4.0
+    sun.rotation_euler = (math.radians(50), 0.0, math.radians(30))
+    scene.collection.objects.link(sun)
+    r = scene.render
+    r.engine = "CYCLES"
+    r.resolution_x = r.resolution_y = 128
+    r.resolution_percentage = 100
+    scene.cycles.device, scene.cycles.samples = "CPU", 16
+    scene.cycles.use_denoising = False
+    scene.view_settings.view_transform = "Standard"
+
+    # the input, as the user's own render shows it
+    (root / "input").mkdir(parents=True)
+    for f in range(1, STYLIZE_FRAMES + 1):
+        scene.frame_set(f)
+        r.filepath = str(root / "input" / f"frame_{f:04d}.png")
+        bpy.ops.render.render(write_still=True)
+    scene.frame_set(1)
+
+    s = scene.concord_stylize
+    s.prompt = STYLIZE_PROMPT.get(model, STYLIZE_PROMPT["tiny"])
+    s.model_defaults = True
+    s.seed = 1
+    s.chunk_size = 6
+    runs = {}
+    for label, keyframes, noise in (("independent", "none", "iid"), ("concord", "first+previous", "warped")):
+        s.keyframes, s.noise = keyframes, noise
+        s.output_dir = str(root / label)
+        s.load_in_sequencer = label == "concord"
+        t0 = time.perf_counter()
+        result = bpy.ops.concord.stylize_animation(blocking=True)
+        if result != {"FINISHED"}:
+            raise RuntimeError(bpy.context.window_manager.concord_stylize_job.last_report)
+        runs[label] = {"seconds": round(time.perf_counter() - t0, 1), "warping_error": _warp_error_of(root / label),
+                       "keyframes": keyframes, "noise": noise}
+        _say(f"stylized {STYLIZE_FRAMES} frames through the add-on ({label}) in {runs[label]['seconds']} s, "
+             f"warping error {runs[label]['warping_error']:.4f}")
+
+    frames = {k: [np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / k).glob("frame_*.png"))]
+              for k in ("input", "independent", "concord")}
+    pick = list(range(0, STYLIZE_FRAMES, 2))
+    strip = np.concatenate([np.concatenate([frames[k][i] for i in pick], 1) for k in ("input", "independent", "concord")], 0)
+    Image.fromarray(strip).save(out_dir / "stylize.png")
+    with PreviewWriter(out_dir / "stylize_preview.mp4", fps=8) as pv:
+        for a, b in zip(frames["input"], frames["concord"]):
+            pv.add(a, b)
+    ind, con = runs["independent"]["warping_error"], runs["concord"]["warping_error"]
+    summary = {"frames": STYLIZE_FRAMES, "model": model, "prompt": s.prompt, "runs": runs,
+               "ratio_concord_to_independent": None if not (ind and con) else round(con / ind, 3)}
+    (out_dir / "stylize.json").write_text(json.dumps(summary, indent=2) + "\n")
+    scene.camera = None
+    for o in (cam, sun):
+        bpy.data.objects.remove(o)
+    return summary
 
 
 def draw_panel_png(bpy, context, out_png: Path) -> Path:
@@ -316,6 +420,7 @@ def main(out_dir: Path, model: str = "micro") -> int:
                 grids[label] = Path(bpy.context.window_manager.concord_job.last_result) / "grid.png"
                 _say(f"textured through the add-on ({label} views) in {time.perf_counter() - t0:.1f} s")
             side_by_side(grids["independent"], grids["joint"], out_dir / "consistency.png")
+            styl = stylize_turning(bpy, ob, out_dir, model)
         shutil.rmtree(out_dir / "server-data", ignore_errors=True)
 
         state = bpy.context.window_manager.concord_job
@@ -331,8 +436,11 @@ def main(out_dir: Path, model: str = "micro") -> int:
         shutil.rmtree(home, ignore_errors=True)
 
     _say(f"done in {time.perf_counter() - t_start:.0f} s. Results in {out_dir}:")
-    for name in ("demo.blend", "texture.png", "grid.png", "consistency.png", "turntable.png", "panel.png"):
+    for name in ("demo.blend", "texture.png", "grid.png", "consistency.png", "turntable.png", "panel.png",
+                 "stylize.png", "stylize_preview.mp4", "stylize.json"):
         print(f"  {out_dir / name}")
+    print(f"  stylized animation: warping error {styl['ratio_concord_to_independent']}x that of frames stylized "
+          f"on their own (frames in {out_dir / 'stylize'})")
     print(f"  {result_dir}  (everything the server returned: views/, coverage.png, metrics.json, transforms.json)")
     if model == "tiny":
         print("  (the `tiny` model has random weights: its texture is coloured noise; pass --model for a real one)")
