@@ -96,6 +96,21 @@ def check_viewset(arrays: Mapping[str, np.ndarray]) -> None:
         raise PackingError("normals must be unit length on the object")
 
 
+def prompt_params(prompt: str, negative_prompt: str, seed: int, what: str, error: type = PackingError) -> dict:
+    """The params every job kind starts with (prompt, negative prompt, seed) as JSON-ready values; an empty prompt
+    raises ``error`` saying that it says what ``what`` should look like."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise error(f"write a prompt: it says what {what} should look like")
+    return {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": int(seed)}
+
+
+def check_choice(label: str, value: str, choices: tuple, error: type = PackingError) -> None:
+    """Raise ``error`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise error(f"{label} must be one of {choices}, got {value!r}")
+
+
 def texture_params(
     prompt: str,
     *,
@@ -114,15 +129,9 @@ def texture_params(
     padding: int | None = None,
 ) -> dict:
     """The `texture` job's params (server/concord/api/schemas.py TextureParams), as JSON-ready values."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise PackingError("write a prompt: it says what the texture should look like")
-    if shared_attention not in SHARED_ATTENTION_MODES:
-        raise PackingError(f"shared attention must be one of {SHARED_ATTENTION_MODES}, got {shared_attention!r}")
-    params = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt or "",
-        "seed": int(seed),
+    params = prompt_params(prompt, negative_prompt, seed, "the texture")
+    check_choice("shared attention", shared_attention, SHARED_ATTENTION_MODES)
+    params.update({
         "steps": int(steps),
         "guidance": float(guidance),
         "conditioning_scale": float(conditioning_scale),
@@ -134,7 +143,7 @@ def texture_params(
             "uv_noise": bool(uv_noise),
             "loss_guidance": bool(loss_guidance),
         },
-    }
+    })
     bake = {}
     if cos_power is not None:
         bake["cos_power"] = float(cos_power)

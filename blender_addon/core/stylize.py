@@ -35,6 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .packing import check_choice, prompt_params
 from .results import reserve_folder, safe_name
 
 #: The server's limits for one `stylize` request (server/concord/pipelines/stylize.py ARRAYS, StylizeParams).
@@ -158,27 +159,20 @@ def stylize_params(
 ) -> dict:
     """The params every request of a run shares (server/concord/api/schemas.py StylizeParams), as JSON-ready
     values. ``steps`` / ``guidance`` None: left out, the server fills them from its model (Model Defaults)."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StylizeError("write a prompt: it says what the stylized animation should look like")
-    if keyframes not in KEYFRAME_MODES:
-        raise StylizeError(f"keyframes must be one of {KEYFRAME_MODES}, got {keyframes!r}")
-    if noise not in NOISE_MODES:
-        raise StylizeError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    params = prompt_params(prompt, negative_prompt, seed, "the stylized animation", StylizeError)
+    check_choice("keyframes", keyframes, KEYFRAME_MODES, StylizeError)
+    check_choice("noise", noise, NOISE_MODES, StylizeError)
     if not 0.0 < float(strength) <= 1.0:
         raise StylizeError(f"strength must be in (0, 1], got {strength}")
     if not 1 <= int(chunk_frames) <= MAX_CHUNK_FRAMES:
         raise StylizeError(f"chunk size {chunk_frames} is outside 1..{MAX_CHUNK_FRAMES}")
-    params = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt or "",
-        "seed": int(seed),
+    params.update({
         "strength": float(strength),
         "keyframes": keyframes,
         "noise": noise,
         "chunk_frames": int(chunk_frames),
         "motion_source": "renderer",
-    }
+    })
     if steps is not None:
         params["steps"] = int(steps)
     if guidance is not None:

@@ -1,5 +1,5 @@
 """Operators: texture the selected mesh, cancel, add a UV map (``texture``; apply logic in ``apply``); stylize the
-scene's animation and cancel it (``stylize``).
+scene's animation and cancel it (``stylize``); what the two long-running operators share (``_running``).
 
 Layer rule: a bpy layer; main thread only. Network only through ``core.jobs.JobWorker``.
 """

@@ -29,6 +29,8 @@ scene is unchanged, and a run that wrote no frame leaves no folder or manifest b
 
 With ``blocking=True`` (scripts) or in background mode the same ticks run in a loop on the calling thread
 (waiting on the worker's queue while only the server works); Ctrl+C cancels the server's job and is re-raised.
+The machinery shared with the texture operator (the run's slot, the start checks, the health answer, the modal
+timer, the end of a run and its clean-up) is ``_running.RunningOperator``.
 
 Layer rule: a bpy layer (ops/). Network only through the worker thread; bpy only on the main thread.
 """
@@ -41,18 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
-from bpy.props import BoolProperty
 
 from .. import capture
 from ..capture import frames as frame_capture
 from ..core import jobs, results
 from ..core import stylize as core_stylize
 from ..core.client import ConcordClient
-from ..prefs import check_server_async, online_access_refusal, server_settings
+from ..prefs import check_server_async, server_settings
 from ..props.stylize import fill_model_defaults, frame_range
+from ._running import TICK_S, CancelRun, RunningOperator, RunSlot, interrupted, registration
 
 STRIP_PREFIX = "Concord "
-WAIT_S = 0.05  # blocking mode: how long one wait on the worker's queue lasts before the loop looks again
 
 
 @dataclass
@@ -71,7 +72,7 @@ class StylizeRun:
     frame_end: int
     chunk_size: int
     health: object | None = None  # queue receiving the health answer, until it came
-    # set once the server answered (``_start_run``)
+    # set once the server answered (``_on_health``)
     out_dir: Path | None = None
     reserved: bool = False  # the run made the output folder: it goes again if no frame is written
     resumed: bool = False
@@ -95,38 +96,17 @@ class StylizeRun:
     timings: dict = field(default_factory=lambda: {"capture_s": 0.0, "server_s": 0.0, "frames": 0})
 
 
-_ACTIVE: StylizeRun | None = None
-LAST_TIMINGS: dict = {}
+_SLOT = RunSlot("concord_stylize_job")  # the running StylizeRun, if any
+LAST_TIMINGS: dict = _SLOT.last_timings
 
 
 def active_run() -> StylizeRun | None:
-    return _ACTIVE
+    return _SLOT.run
 
 
 def request_cancel() -> bool:
     """Ask the running stylize run to stop. Returns False when none runs."""
-    run = _ACTIVE
-    if run is None:
-        return False
-    run.cancel_requested = True
-    if run.worker is not None:
-        run.worker.cancel()
-    return True
-
-
-def _interrupted(exc: BaseException) -> str:
-    return "interrupted (Ctrl+C)" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
-
-
-def _redraw(context) -> None:
-    wm = context.window_manager
-    for window in wm.windows:
-        screen = window.screen
-        if screen is None:
-            continue
-        for area in screen.areas:
-            if area.type in {"VIEW_3D", "SEQUENCE_EDITOR"}:
-                area.tag_redraw()
+    return _SLOT.request_cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,42 +142,27 @@ def load_into_sequencer(scene, folder: Path, frames: list[int]):
     return strip
 
 
-def stylize_running() -> bool:
-    return _ACTIVE is not None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CONCORD_OT_stylize_animation(bpy.types.Operator):
+class _AllDone:
+    """Every frame of the range is in the output folder."""
+
+
+class CONCORD_OT_stylize_animation(RunningOperator, bpy.types.Operator):
     """Stylize the scene's animation from the prompt with the Concord server, frame after frame without flicker"""
 
     bl_idname = "concord.stylize_animation"
     bl_label = "Stylize Animation"
-    bl_options = {"REGISTER", "UNDO"}
-
-    blocking: BoolProperty(
-        name="Blocking", default=False, options={"SKIP_SAVE", "HIDDEN"},
-        description="Run to the end before returning (scripts and background mode)",
-    )
-
-    _timer = None
+    slot = _SLOT
+    redraw_areas = {"VIEW_3D", "SEQUENCE_EDITOR"}
+    success = _AllDone
+    noun = "run"
 
     # ------------------------------------------------------------------ start
-    def invoke(self, context, event):
-        return self.execute(context)
-
     def execute(self, context):
-        global _ACTIVE
-        from .texture import active_job
-
-        if _ACTIVE is not None or active_job() is not None:
-            self.report({"ERROR"}, "A Concord job is already running: wait for it or cancel it")
-            return {"CANCELLED"}
         url, token, timeout = server_settings(context)
-        refusal = online_access_refusal(url)
-        if refusal is not None:
-            self._refuse(context, f"Concord: {refusal}")
+        if self._cannot_start(context, url):
             return {"CANCELLED"}
         scene = context.scene
         s = scene.concord_stylize
@@ -224,40 +189,30 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
                     raise core_stylize.StylizeError("the output folder is the image sequence's folder: choose another "
                                                     "one, or the stylized frames would sit among your renders")
         except (core_stylize.StylizeError, capture.CaptureError) as exc:
-            self._refuse(context, f"Concord: {exc}")
+            self._show(context, "ERROR", f"Concord: {exc}")
             return {"CANCELLED"}
-        _ACTIVE = StylizeRun(
+        run = _SLOT.run = StylizeRun(
             scene_name=scene.name, view_layer=context.view_layer.name, source=s.source, images=images,
             chosen_output=s.output_dir.strip(), load_in_sequencer=s.load_in_sequencer, base_params=base,
             model_defaults=s.model_defaults, frame_start=start, frame_end=end, chunk_size=s.chunk_size,
         )
-        _ACTIVE.health = check_server_async(url, token, timeout)  # the network wait runs on a thread
+        run.health = check_server_async(url, token, timeout)  # the network wait runs on a thread
         self._set_state(context, running=True, cancelling=False, stage="connecting", step=0, total=end - start + 1,
                         message=url)
-        if self.blocking or bpy.app.background or context.window is None:
-            return self._run_blocking(context)
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(WAIT_S, window=context.window)
-        wm.modal_handler_add(self)
-        return {"RUNNING_MODAL"}
+        return self._follow(context)
 
     # ------------------------------------------------------------------ blocking (scripts, background)
     def _run_blocking(self, context):
-        run = _ACTIVE
+        run = _SLOT.run
         try:
-            timeout = server_settings(context)[2]
-            try:
-                answer = run.health.get(timeout=timeout + 5.0)
-            except queue.Empty:
-                return self._finish(context, jobs.Failed(f"the server did not answer within {timeout:g} s"))
-            final = self._start_run(context, *answer)
+            final = self._wait_health(context, run)
             while final is None:
                 worked = self._tick(context)
                 if worked is not True and worked is not False:
                     final = worked
                 elif not worked and run.worker is not None:  # only the server works: wait on its messages
                     try:
-                        msg = run.worker.messages.get(timeout=WAIT_S)
+                        msg = run.worker.messages.get(timeout=TICK_S)
                     except queue.Empty:
                         continue
                     final = self._on_worker_message(context, msg)
@@ -268,49 +223,35 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
             if run.worker is not None and not run.worker.finished:
                 run.worker.cancel()
                 run.worker.cancel_settled.wait(jobs.INTERRUPT_SETTLE_S)
-            self._finish(context, jobs.Cancelled(_interrupted(exc)))
+            self._finish(context, jobs.Cancelled(interrupted(exc)))
             raise
         return self._finish(context, final)
 
     # ------------------------------------------------------------------ interactive
     def modal(self, context, event):
-        run = _ACTIVE
-        if run is None:
-            return self._finish(context, jobs.Cancelled("the run was dropped"))
-        if event.type == "ESC" and event.value == "PRESS":
-            if request_cancel():
-                context.window_manager.concord_stylize_job.cancelling = True
+        if event.type == "ESC" and event.value == "PRESS" and _SLOT.run is not None:
+            _SLOT.press_cancel(context)
             return {"RUNNING_MODAL"}
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
+        return super().modal(context, event)
+
+    def _tick_modal(self, context, run):
         try:
             if run.health is not None:  # waiting for the server's answer (a thread fetches it)
-                if run.cancel_requested:
-                    return self._finish(context, jobs.Cancelled("cancelled while connecting"))
-                try:
-                    answer = run.health.get_nowait()
-                except queue.Empty:
-                    return {"RUNNING_MODAL"}
-                final = self._start_run(context, *answer)
-            else:
-                worked = self._tick(context)
-                final = worked if isinstance(worked, (*jobs.FINAL, _AllDone)) else None
+                return self._modal_health(context, run)
+            worked = self._tick(context)
+            final = worked if isinstance(worked, (*jobs.FINAL, _AllDone)) else None
         except Exception as exc:
             return self._finish(context, jobs.Failed(f"unexpected error: {type(exc).__name__}: {exc}"))
         if final is not None:
             return self._finish(context, final)
-        _redraw(context)
+        self._redraw(context)
         return {"RUNNING_MODAL"}
 
-    def cancel(self, context):  # Blender quits or the file is closed while modal
-        request_cancel()
-        self._cleanup(context)
-
     # ------------------------------------------------------------------ the run
-    def _start_run(self, context, kind: str, value):
+    def _on_health(self, context, kind: str, value):
         """The server answered: settings, output folder, chunks, capture. Returns a final message when the run
         cannot go on (or has nothing to do), else None."""
-        run = _ACTIVE
+        run = _SLOT.run
         run.health = None
         if kind != "ok":
             return jobs.Failed(str(value))
@@ -369,7 +310,7 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
     def _tick(self, context):
         """One step of the run: follow the worker, start the next job, capture one frame. Returns a final message,
         True when it did something, False when only the server works."""
-        run = _ACTIVE
+        run = _SLOT.run
         if run.worker is not None:
             for msg in run.worker.drain():
                 final = self._on_worker_message(context, msg)
@@ -408,7 +349,7 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
         return worked
 
     def _send(self, context, chunk, arrays) -> None:
-        run = _ACTIVE
+        run = _SLOT.run
         params = core_stylize.chunk_params(run.base_params, chunk, run.sequence, run.frames_total,
                                            resume=run.resumed and not run.sent_first)
         run.sent_first = True
@@ -423,7 +364,7 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
 
     def _on_worker_message(self, context, msg):
         """A message of the chunk's worker. Returns a final message for the run, or None."""
-        run = _ACTIVE
+        run = _SLOT.run
         chunk = run.worker_chunk
         if isinstance(msg, jobs.Progress):
             partial = 0
@@ -448,40 +389,13 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
         return msg  # Failed or Cancelled
 
     # ------------------------------------------------------------------ the end
-    def _finish(self, context, msg):
-        run = _ACTIVE
-        state = context.window_manager.concord_stylize_job
-        result = {"CANCELLED"}
-        where = ""
-        if run is not None and run.out_dir is not None:
-            where = (f"; {run.frames_done} of {run.frames_total} frames are in {run.out_dir}: run again to continue"
-                     if 0 < run.frames_done < run.frames_total else "")
-        try:
-            if isinstance(msg, _AllDone):
-                text = self._done(context, run)
-                self.report({"INFO"}, text)
-                state.last_report = text
-                result = {"FINISHED"}
-            elif isinstance(msg, jobs.Cancelled):
-                text = f"Concord: {msg.message}; the scene is unchanged{where}"
-                self.report({"WARNING"}, text)
-                state.last_report = text
-            else:
-                text = f"Concord: {msg}{where}"
-                self.report({"ERROR"}, text)
-                state.last_report = text
-        except Exception as exc:  # adding the strip failed: the frames stay on disk
-            text = f"Concord: loading the frames failed ({type(exc).__name__}: {exc}); they are in {run.out_dir}"
-            self.report({"ERROR"}, text)
-            state.last_report = text
-        finally:
-            if run is not None:
-                LAST_TIMINGS.clear()
-                LAST_TIMINGS.update(run.timings, total_s=time.perf_counter() - run.t0)
-            self._cleanup(context)
-        return result
+    def _unfinished_note(self, run) -> str:
+        if run is not None and run.out_dir is not None and 0 < run.frames_done < run.frames_total:
+            return f"; {run.frames_done} of {run.frames_total} frames are in {run.out_dir}: run again to continue"
+        return ""
 
-    def _done(self, context, run) -> str:
+    def _succeed(self, context, run, msg) -> None:
+        """Every frame is on disk: the manifest says so, the strip is added, the run is reported."""
         manifest = core_stylize.read_manifest(run.out_dir) or {}
         manifest["complete"] = True
         core_stylize.write_manifest(run.out_dir, manifest)
@@ -496,57 +410,38 @@ class CONCORD_OT_stylize_animation(bpy.types.Operator):
         if run.load_in_sequencer and scene is not None:
             strip = load_into_sequencer(scene, run.out_dir, frames)
             text += f"; loaded into the Video Sequencer as {strip.name!r} (channel {strip.channel})"
-            if self.blocking or bpy.app.background or context.window is None:
+            if self._scripted(context):
                 bpy.ops.ed.undo_push(message="Concord: stylize animation")  # scripts get no automatic undo step
         text += f"; frames in {run.out_dir}"
         if results.temporary_job_folder(run.out_dir) is not None:
             text += "; this file is not saved: the frames are in a temporary folder, choose an Output folder to keep them"
-        return text
+        self._show(context, "INFO", text)
 
-    def _cleanup(self, context) -> None:
-        global _ACTIVE
-        run = _ACTIVE
-        if run is not None:
-            if run.worker is not None and not run.worker.finished:
-                run.worker.cancel()  # whatever ended the run, its job must not go on running on the server
-            if run.capture is not None:
-                run.capture.close()
-            run.captured, run.ready = [], None
-            if run.out_dir is not None:
-                core_stylize.remove_stale_downloads(run.out_dir)  # nothing half-downloaded stays
-                core_stylize.discard_run_files(run.out_dir, remove_folder=run.reserved)
-        _ACTIVE = None
-        if self._timer is not None:
-            context.window_manager.event_timer_remove(self._timer)
-            self._timer = None
-        state = context.window_manager.concord_stylize_job
-        state.running = state.cancelling = False
-        _redraw(context)
+    @staticmethod
+    def _failure_text(run, exc: Exception) -> str:  # adding the strip failed: the frames stay on disk
+        return f"Concord: loading the frames failed ({type(exc).__name__}: {exc}); they are in {run.out_dir}"
 
-    def _refuse(self, context, text: str) -> None:
-        self.report({"ERROR"}, text)
-        context.window_manager.concord_stylize_job.last_report = text
+    @staticmethod
+    def _timings(run) -> dict:
+        return {**run.timings, "total_s": time.perf_counter() - run.t0}
+
+    @staticmethod
+    def _release(run) -> None:
+        if run.capture is not None:
+            run.capture.close()
+        run.captured, run.ready = [], None
+        if run.out_dir is not None:
+            core_stylize.remove_stale_downloads(run.out_dir)  # nothing half-downloaded stays
+            core_stylize.discard_run_files(run.out_dir, remove_folder=run.reserved)
 
     def _progress(self, context, stage: str | None = None, message: str | None = None, partial: int = 0) -> None:
-        run = _ACTIVE
+        run = _SLOT.run
         values = {"step": run.frames_done + partial, "total": run.frames_total or (run.frame_end - run.frame_start + 1)}
         if stage is not None:
             values["stage"] = stage
         if message is not None:
             values["message"] = message
         self._set_state(context, **values)
-
-    @staticmethod
-    def _set_state(context, **values) -> None:
-        state = context.window_manager.concord_stylize_job
-        for key, value in values.items():
-            setattr(state, key, value)
-        if "step" in values or "total" in values:
-            state.progress = (state.step / state.total) if state.total > 0 else 0.0
-
-
-class _AllDone:
-    """Every frame of the range is in the output folder."""
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -556,29 +451,13 @@ def _same_folder(a: str, b: str) -> bool:
         return False
 
 
-class CONCORD_OT_cancel_stylize(bpy.types.Operator):
+class CONCORD_OT_cancel_stylize(CancelRun, bpy.types.Operator):
     """Stop the running stylize run (the server is told to cancel its job); finished frames stay, a new run continues"""
 
     bl_idname = "concord.cancel_stylize"
-    bl_label = "Cancel"
-    bl_options = {"REGISTER"}
-
-    def execute(self, context):
-        if not request_cancel():
-            self.report({"WARNING"}, "No stylize run is running")
-            return {"CANCELLED"}
-        context.window_manager.concord_stylize_job.cancelling = True
-        return {"FINISHED"}
+    slot = _SLOT
+    none_running = "No stylize run is running"
 
 
 classes = (CONCORD_OT_stylize_animation, CONCORD_OT_cancel_stylize)
-_register, _unregister = bpy.utils.register_classes_factory(classes)
-
-
-def register():
-    _register()
-
-
-def unregister():
-    request_cancel()
-    _unregister()
+register, unregister = registration(classes, _SLOT)

@@ -27,7 +27,9 @@ Any failure (nothing selected, not a mesh, no UV map, server down, job failed, c
 ``self.report``, shown as the panel's last line (the latest outcome, never an older one) and leaves the scene
 unchanged. Any exit from a run (Ctrl+C in a blocking run included: it is re-raised after the clean-up) clears
 the add-on's state and cancels the server's job (``_cleanup``, ``jobs.run_blocking``). Other selected meshes
-are named in the report: only the active mesh is textured.
+are named in the report: only the active mesh is textured. The machinery this operator shares with "Stylize
+Animation" (the run's slot, the start checks, the health answer, the modal timer, the end of a run, ``_cleanup``)
+is ``_running.RunningOperator``.
 
 Layer rule: a bpy layer (ops/). Network only through the worker thread; bpy only on the main thread.
 """
@@ -35,19 +37,18 @@ Layer rule: a bpy layer (ops/). Network only through the worker thread; bpy only
 from __future__ import annotations
 
 import json
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
-from bpy.props import BoolProperty
 
 from .. import capture
 from ..core import jobs, packing, protocol, results, rigs
 from ..core.client import ConcordClient
-from ..prefs import check_server_async, online_access_refusal, server_settings
+from ..prefs import check_server_async, server_settings
 from ..props import describe_used, fill_model_defaults
+from ._running import CancelRun, RunningOperator, RunSlot, interrupted, registration
 from .apply import ApplyError, apply_texture, describe_placement
 
 
@@ -69,23 +70,17 @@ class ActiveJob:
     timings: dict = field(default_factory=dict)
 
 
-_ACTIVE: ActiveJob | None = None
-LAST_TIMINGS: dict = {}  # the last finished job's timings (capture, upload, server, download, apply), for bench/
+_SLOT = RunSlot("concord_job")  # the running ActiveJob, if any
+LAST_TIMINGS: dict = _SLOT.last_timings  # the last finished job's timings (capture, upload, server, download, apply), for bench/
 
 
 def active_job() -> ActiveJob | None:
-    return _ACTIVE
+    return _SLOT.run
 
 
 def request_cancel() -> bool:
     """Ask the running job to stop. Returns False when none runs."""
-    job = _ACTIVE
-    if job is None:
-        return False
-    job.cancel_requested = True
-    if job.worker is not None:
-        job.worker.cancel()
-    return True
+    return _SLOT.request_cancel()
 
 
 def selected_mesh(context) -> tuple[bpy.types.Object | None, str | None]:
@@ -110,10 +105,6 @@ def selection_notes(context, ob) -> list[str]:
     names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
     what = "mesh was" if len(others) == 1 else "meshes were"
     return [f"{len(others)} other selected {what} not textured ({names}): Concord textures the active mesh only"]
-
-
-def _interrupted(exc: BaseException) -> str:
-    return "interrupted (Ctrl+C)" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
 
 
 def resolve_uv_map(ob, requested: str) -> tuple[str | None, str | None]:
@@ -207,47 +198,17 @@ def surface_arrays(ob, uv_map: str, depsgraph) -> dict:
         ob_eval.to_mesh_clear()
 
 
-def _redraw(context) -> None:
-    wm = context.window_manager
-    for window in wm.windows:
-        screen = window.screen
-        if screen is None:
-            continue
-        for area in screen.areas:
-            if area.type in {"VIEW_3D", "PREFERENCES"}:
-                area.tag_redraw()
-
-
-class CONCORD_OT_texture_mesh(bpy.types.Operator):
+class CONCORD_OT_texture_mesh(RunningOperator, bpy.types.Operator):
     """Texture the selected mesh from the prompt with the Concord server"""
 
     bl_idname = "concord.texture_mesh"
     bl_label = "Texture Selected"
-    bl_options = {"REGISTER", "UNDO"}
-
-    blocking: BoolProperty(
-        name="Blocking",
-        default=False,
-        options={"SKIP_SAVE", "HIDDEN"},
-        description="Run to the end before returning (scripts and background mode)",
-    )
-
-    _timer = None
+    slot = _SLOT
+    redraw_areas = {"VIEW_3D", "PREFERENCES"}
 
     # ------------------------------------------------------------------ start
-    def invoke(self, context, event):
-        return self.execute(context)
-
     def execute(self, context):
-        global _ACTIVE
-        from .stylize import stylize_running
-
-        if _ACTIVE is not None or stylize_running():
-            self.report({"ERROR"}, "A Concord job is already running: wait for it or cancel it")
-            return {"CANCELLED"}
-        refusal = online_access_refusal(server_settings(context)[0])
-        if refusal is not None:  # before any capture or connection
-            self._refuse(context, f"Concord: {refusal}")
+        if self._cannot_start(context, server_settings(context)[0]):
             return {"CANCELLED"}
         settings = context.scene.concord
         ob, err = selected_mesh(context)
@@ -278,37 +239,27 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
             except (packing.PackingError, rigs.RigError, capture.CaptureError) as exc:
                 err = str(exc)
         if err is not None:
-            self._refuse(context, err)
+            self._show(context, "ERROR", err)
             return {"CANCELLED"}
 
-        _ACTIVE = ActiveJob(
+        job = _SLOT.run = ActiveJob(
             ob.name, uv_map, out_dir, settings.slot_mode, session=session, model_defaults=settings.model_defaults
         )
-        _ACTIVE.notes.extend(selection_notes(context, ob))
+        job.notes.extend(selection_notes(context, ob))
         if session is None:
             url, token, timeout = server_settings(context)
-            _ACTIVE.health = check_server_async(url, token, timeout)  # the network wait runs on a thread
+            job.health = check_server_async(url, token, timeout)  # the network wait runs on a thread
             self._set_state(context, running=True, stage="connecting", step=0, total=0, message=url)
         else:
             self._set_state(context, running=True, stage="capturing", step=0, total=len(session.cameras), message="")
-        if self.blocking or bpy.app.background or context.window is None:
-            return self._run_blocking(context)
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.05, window=context.window)
-        wm.modal_handler_add(self)
-        return {"RUNNING_MODAL"}
+        return self._follow(context)
 
     # ------------------------------------------------------------------ blocking (scripts, background)
     def _run_blocking(self, context):
-        job = _ACTIVE
+        job = _SLOT.run
         try:
             if job.health is not None:
-                timeout = server_settings(context)[2]
-                try:
-                    answer = job.health.get(timeout=timeout + 5.0)
-                except queue.Empty:
-                    return self._finish(context, jobs.Failed(f"the server did not answer within {timeout:g} s"))
-                final = self._start_capture(context, *answer)
+                final = self._wait_health(context, job)
                 if final is not None:
                     return self._finish(context, final)
             while not job.session.done:
@@ -317,35 +268,20 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         except Exception as exc:
             return self._finish(context, jobs.Failed(f"capture failed: {exc}"))
         except BaseException as exc:  # Ctrl+C while connecting or capturing: nothing was sent yet
-            self._finish(context, jobs.Cancelled(f"{_interrupted(exc)} before the job was sent"))
+            self._finish(context, jobs.Cancelled(f"{interrupted(exc)} before the job was sent"))
             raise
         try:
             final = jobs.run_blocking(job.worker, on_message=lambda m: self._on_message(context, m))
         except BaseException as exc:  # Ctrl+C while waiting: run_blocking had the server cancel the job
-            self._finish(context, jobs.Cancelled(f"{_interrupted(exc)}: the job was cancelled on the server"))
+            self._finish(context, jobs.Cancelled(f"{interrupted(exc)}: the job was cancelled on the server"))
             raise
         return self._finish(context, final)
 
     # ------------------------------------------------------------------ interactive
-    def modal(self, context, event):
-        job = _ACTIVE
-        if job is None:
-            return self._finish(context, jobs.Cancelled("the job was dropped"))
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
+    def _tick_modal(self, context, job):
         try:
             if job.health is not None:  # Model Defaults: waiting for the server's answer (a thread fetches it)
-                if job.cancel_requested:
-                    return self._finish(context, jobs.Cancelled("cancelled while connecting"))
-                try:
-                    answer = job.health.get_nowait()
-                except queue.Empty:
-                    return {"RUNNING_MODAL"}
-                final = self._start_capture(context, *answer)
-                if final is not None:
-                    return self._finish(context, final)
-                _redraw(context)
-                return {"RUNNING_MODAL"}
+                return self._modal_health(context, job)
             if job.worker is None:
                 if job.cancel_requested:
                     return self._finish(context, jobs.Cancelled("cancelled while capturing"))
@@ -353,7 +289,7 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                 self._set_state(context, stage="capturing", step=n, total=len(job.session.cameras))
                 if job.session.done:
                     self._start_worker(context)
-                _redraw(context)
+                self._redraw(context)
                 return {"RUNNING_MODAL"}
         except Exception as exc:
             return self._finish(context, jobs.Failed(f"capture failed: {exc}"))
@@ -364,18 +300,14 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
                 self._on_message(context, msg)
         except Exception as exc:  # a bug while following the job: end the run (and the server's job) cleanly
             return self._finish(context, jobs.Failed(f"unexpected error: {type(exc).__name__}: {exc}"))
-        _redraw(context)
+        self._redraw(context)
         return {"RUNNING_MODAL"}
 
-    def cancel(self, context):  # Blender quits or the file is closed while modal
-        request_cancel()
-        self._cleanup(context)
-
     # ------------------------------------------------------------------ shared steps
-    def _start_capture(self, context, kind: str, value):
+    def _on_health(self, context, kind: str, value):
         """Model Defaults: the server answered. Fill the settings from its model's recommended ones and start
         capturing. Returns the final message when the job cannot go on, else None."""
-        job = _ACTIVE
+        job = _SLOT.run
         job.health = None
         if kind != "ok":
             return jobs.Failed(str(value))
@@ -392,7 +324,7 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         return None
 
     def _start_worker(self, context) -> None:
-        job = _ACTIVE
+        job = _SLOT.run
         t = time.perf_counter()
         arrays = job.session.arrays()
         ob = bpy.data.objects.get(job.object_name)
@@ -413,111 +345,60 @@ class CONCORD_OT_texture_mesh(bpy.types.Operator):
         if isinstance(msg, jobs.Progress):
             self._set_state(context, stage=msg.stage, step=msg.step, total=msg.total, message=msg.message)
 
-    def _finish(self, context, msg):
-        job = _ACTIVE
+    def _succeed(self, context, job, msg) -> None:
+        """The job is done (its files on disk): apply the texture, report, and show the settings it used."""
         state = context.window_manager.concord_job
-        result = {"CANCELLED"}
-        try:
-            if isinstance(msg, jobs.Done):
-                ob = bpy.data.objects.get(job.object_name)
-                if ob is None:
-                    raise ApplyError(f"{job.object_name!r} was deleted while the job ran; results are in {job.out_dir}")
-                t = time.perf_counter()
-                made = apply_texture(ob, job.uv_map, job.out_dir, job.slot_mode)
-                job.timings["apply_s"] = time.perf_counter() - t
-                job.timings.update(msg.timings)
-                job.timings["total_s"] = time.perf_counter() - job.t0
-                metrics = record_view_size(job.out_dir, results.read_metrics(job.out_dir), job.model_defaults)
-                state.last_settings = describe_used(metrics)
-                cov = metrics.get("coverage")
-                cov_text = f", coverage {cov:.0%} of the UV islands" if isinstance(cov, (int, float)) else ""
-                placement = describe_placement(made)
-                text = f"Textured {ob.name} with {made['material'].name}{cov_text}"
-                text += (f"; {placement}" if placement else "") + "".join(f"; {note}" for note in job.notes)
-                text += f"; files in {job.out_dir}"
-                if results.temporary_job_folder(job.out_dir) is not None:  # a file never saved
-                    unsaved = ("this file is not saved: the results are in a temporary folder until you save the "
-                               ".blend, which copies them beside it")
-                    text += f"; {unsaved}"
-                    self.report({"WARNING"}, f"Concord: {unsaved}")
-                state.preview_image = made["grid_image"].name if made["grid_image"] else made["image"].name
-                state.last_result = str(job.out_dir)
-                self.report({"INFO"}, text)
-                state.last_report = text
-                if self.blocking or bpy.app.background or context.window is None:
-                    # scripts get no automatic undo step: push one so a single undo reverts the apply
-                    bpy.ops.ed.undo_push(message=f"Concord: texture {ob.name}")
-                result = {"FINISHED"}
-            elif isinstance(msg, jobs.Cancelled):
-                text = f"Concord: {msg.message}; the scene is unchanged"
-                self.report({"WARNING"}, text)
-                state.last_report = text
-                state.last_settings = ""  # the panel shows this run's outcome, not the previous run's settings
-            else:
-                text = f"Concord: {msg}"
-                self.report({"ERROR"}, text)
-                state.last_report = text
-                state.last_settings = ""
-        except ApplyError as exc:
-            self.report({"ERROR"}, f"Concord: {exc}")
-            state.last_report = f"Concord: {exc}"
-            state.last_settings = ""
-        except Exception as exc:  # apply_texture removed what it made; the files stay on disk
-            text = f"Concord: applying the result failed ({type(exc).__name__}: {exc}); the files are in {job.out_dir}"
-            self.report({"ERROR"}, text)
-            state.last_report = text
-            state.last_settings = ""
-        finally:
-            if job is not None:
-                LAST_TIMINGS.clear()
-                LAST_TIMINGS.update(job.timings)
-            self._cleanup(context)
-        return result
-
-    def _cleanup(self, context) -> None:
-        global _ACTIVE
-        job = _ACTIVE
-        if job is not None and job.session is not None:
-            job.session.close()
-        if job is not None and job.worker is not None and not job.worker.finished:
-            job.worker.cancel()  # whatever ended the run, the job must not go on running on the server
-        if job is not None:
-            results.discard_if_empty(job.out_dir)  # reserved at the start; a run that gave nothing leaves nothing
-        _ACTIVE = None
-        if self._timer is not None:
-            context.window_manager.event_timer_remove(self._timer)
-            self._timer = None
-        self._set_state(context, running=False, cancelling=False)
-        _redraw(context)
-
-    def _refuse(self, context, text: str) -> None:
-        """A run that could not start: reported, and the panel's last line shows it (not an older outcome)."""
-        self.report({"ERROR"}, text)
-        context.window_manager.concord_job.last_report = text
-        context.window_manager.concord_job.last_settings = ""
+        ob = bpy.data.objects.get(job.object_name)
+        if ob is None:
+            raise ApplyError(f"{job.object_name!r} was deleted while the job ran; results are in {job.out_dir}")
+        t = time.perf_counter()
+        made = apply_texture(ob, job.uv_map, job.out_dir, job.slot_mode)
+        job.timings["apply_s"] = time.perf_counter() - t
+        job.timings.update(msg.timings)
+        job.timings["total_s"] = time.perf_counter() - job.t0
+        metrics = record_view_size(job.out_dir, results.read_metrics(job.out_dir), job.model_defaults)
+        cov = metrics.get("coverage")
+        cov_text = f", coverage {cov:.0%} of the UV islands" if isinstance(cov, (int, float)) else ""
+        placement = describe_placement(made)
+        text = f"Textured {ob.name} with {made['material'].name}{cov_text}"
+        text += (f"; {placement}" if placement else "") + "".join(f"; {note}" for note in job.notes)
+        text += f"; files in {job.out_dir}"
+        if results.temporary_job_folder(job.out_dir) is not None:  # a file never saved
+            unsaved = ("this file is not saved: the results are in a temporary folder until you save the "
+                       ".blend, which copies them beside it")
+            text += f"; {unsaved}"
+            self.report({"WARNING"}, f"Concord: {unsaved}")
+        state.preview_image = made["grid_image"].name if made["grid_image"] else made["image"].name
+        state.last_result = str(job.out_dir)
+        self._show(context, "INFO", text, settings=describe_used(metrics))
+        if self._scripted(context):
+            # scripts get no automatic undo step: push one so a single undo reverts the apply
+            bpy.ops.ed.undo_push(message=f"Concord: texture {ob.name}")
 
     @staticmethod
-    def _set_state(context, **values) -> None:
-        state = context.window_manager.concord_job
-        for key, value in values.items():
-            setattr(state, key, value)
-        if "step" in values or "total" in values:
-            state.progress = (state.step / state.total) if state.total > 0 else 0.0
+    def _failure_text(job, exc: Exception) -> str:
+        if isinstance(exc, ApplyError):
+            return f"Concord: {exc}"
+        # apply_texture removed what it made; the files stay on disk
+        return f"Concord: applying the result failed ({type(exc).__name__}: {exc}); the files are in {job.out_dir}"
+
+    @staticmethod
+    def _timings(job) -> dict:
+        return job.timings
+
+    @staticmethod
+    def _release(job) -> None:
+        if job.session is not None:
+            job.session.close()
+        results.discard_if_empty(job.out_dir)  # reserved at the start; a run that gave nothing leaves nothing
 
 
-class CONCORD_OT_cancel_job(bpy.types.Operator):
+class CONCORD_OT_cancel_job(CancelRun, bpy.types.Operator):
     """Stop the running Concord job (the server is told to cancel it); the scene stays unchanged"""
 
     bl_idname = "concord.cancel_job"
-    bl_label = "Cancel"
-    bl_options = {"REGISTER"}
-
-    def execute(self, context):
-        if not request_cancel():
-            self.report({"WARNING"}, "No Concord job is running")
-            return {"CANCELLED"}
-        context.window_manager.concord_job.cancelling = True
-        return {"FINISHED"}
+    slot = _SLOT
+    none_running = "No Concord job is running"
 
 
 class CONCORD_OT_add_uv_map(bpy.types.Operator):
@@ -561,13 +442,4 @@ class CONCORD_OT_add_uv_map(bpy.types.Operator):
 
 
 classes = (CONCORD_OT_texture_mesh, CONCORD_OT_cancel_job, CONCORD_OT_add_uv_map)
-_register, _unregister = bpy.utils.register_classes_factory(classes)
-
-
-def register():
-    _register()
-
-
-def unregister():
-    request_cancel()
-    _unregister()
+register, unregister = registration(classes, _SLOT)

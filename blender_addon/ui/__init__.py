@@ -7,6 +7,9 @@ one-click Smart UV Project button when it has none); material slot mode; a colla
 sub-panel; then either "Texture Selected" or, while a job runs, a progress bar (stage and step) with Cancel;
 finally a preview of the last job's view grid, the last report and the settings the last job used.
 
+The drawing both Concord panels share (this one and ``ui.stylize``'s) is here: the tab (:class:`ConcordSidebar`),
+the prompt column, the Model Defaults lines, the run's button or progress and Cancel, and the last report.
+
 Layer rule: a bpy layer; draws only. No network, no data changes in draw().
 """
 
@@ -14,6 +17,13 @@ from __future__ import annotations
 
 import bpy
 
+
+class ConcordSidebar:
+    """Mixin of the panels in the 3D Viewport's sidebar, Concord tab."""
+
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Concord"
 
 
 def progress_text(state) -> str:
@@ -23,8 +33,9 @@ def progress_text(state) -> str:
     return stage.capitalize() + "..."
 
 
-def report_icon(text: str) -> str:
-    if text.startswith("Textured"):
+def report_icon(text: str, success: tuple[str, ...] = ("Textured",)) -> str:
+    """The icon of a report: done (it starts with one of ``success``), cancelled or interrupted, or an error."""
+    if text.startswith(success):
         return "CHECKMARK"
     return "CANCEL" if "cancelled" in text or "interrupted" in text else "ERROR"
 
@@ -38,37 +49,73 @@ def draw_progress(layout, state) -> None:
         layout.label(text=f"{text} ({state.progress:.0%})", icon="SORTTIME")
 
 
-class CONCORD_PT_texture(bpy.types.Panel):
+def draw_prompt(layout, settings, running: bool):
+    """The settings' column (greyed out while a run goes) with the prompt, the negative prompt and the seed.
+    Returns the column."""
+    layout.use_property_split = True
+    layout.use_property_decorate = False
+    col = layout.column()
+    col.enabled = not running
+    col.prop(settings, "prompt", text="Prompt")
+    col.prop(settings, "negative_prompt", text="Negative")
+    col.separator()
+    col.prop(settings, "seed")
+    return col
+
+
+def draw_model_defaults(col, settings):
+    """The Model Defaults switch, the model its values came from, and steps and guidance (greyed out while it is
+    on). Returns the greyed-out sub-column, for the panel's other values from the model."""
+    col.prop(settings, "model_defaults")
+    if settings.model_defaults:
+        col.label(
+            text=f"From model {settings.model_defaults_from}" if settings.model_defaults_from
+            else "Filled in from the server's model",
+            icon="INFO",
+        )
+    sub = col.column()
+    sub.enabled = not settings.model_defaults
+    sub.prop(settings, "steps")
+    sub.prop(settings, "guidance")
+    return sub
+
+
+def draw_run(layout, state, start: str, start_icon: str, cancel: str, message: bool = False) -> None:
+    """The ``start`` operator's big button or, while a run goes, its progress (and, with ``message``, the state's
+    message under it) and the ``cancel`` operator's button ("Cancelling..." once pressed)."""
+    if state.running:
+        draw_progress(layout, state)
+        if message and state.message:
+            layout.label(text=state.message)
+        row = layout.row()
+        row.enabled = not state.cancelling
+        row.operator(cancel, icon="CANCEL", text="Cancelling..." if state.cancelling else "Cancel")
+    else:
+        row = layout.row()
+        row.scale_y = 1.5
+        row.operator(start, icon=start_icon)
+
+
+def draw_last_report(layout, state, success: tuple[str, ...]) -> None:
+    """The latest outcome (success, cancel or error), one clause per line (see :func:`report_icon`)."""
+    if state.last_report:
+        col = layout.column(align=True)
+        for i, part in enumerate(state.last_report.split("; ")):
+            col.label(text=part, icon=report_icon(state.last_report, success) if i == 0 else "BLANK1")
+
+
+class CONCORD_PT_texture(ConcordSidebar, bpy.types.Panel):
     bl_idname = "CONCORD_PT_texture"
     bl_label = "Concord Texture"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Concord"
 
     def draw(self, context):
         layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
         s = context.scene.concord
         state = context.window_manager.concord_job
         running = state.running
 
-        col = layout.column()
-        col.enabled = not running
-        col.prop(s, "prompt", text="Prompt")
-        col.prop(s, "negative_prompt", text="Negative")
-        col.separator()
-        col.prop(s, "seed")
-        col.prop(s, "model_defaults")
-        if s.model_defaults:
-            col.label(
-                text=f"From model {s.model_defaults_from}" if s.model_defaults_from else "Filled in from the server's model",
-                icon="INFO",
-            )
-        sub = col.column()
-        sub.enabled = not s.model_defaults
-        sub.prop(s, "steps")
-        sub.prop(s, "guidance")
+        col = draw_prompt(layout, s, running)
+        draw_model_defaults(col, s)
         col.prop(s, "conditioning_scale")
         col.separator()
         col.prop(s, "rig")
@@ -93,36 +140,22 @@ class CONCORD_PT_texture(bpy.types.Panel):
         col.prop(s, "slot_mode")
 
         layout.separator()
-        if running:
-            draw_progress(layout, state)
-            row = layout.row()
-            row.enabled = not state.cancelling
-            row.operator("concord.cancel_job", icon="CANCEL", text="Cancelling..." if state.cancelling else "Cancel")
-        else:
-            row = layout.row()
-            row.scale_y = 1.5
-            row.operator("concord.texture_mesh", icon="TEXTURE")
+        draw_run(layout, state, "concord.texture_mesh", "TEXTURE", "concord.cancel_job")
 
         image = bpy.data.images.get(state.preview_image) if state.preview_image else None
         if image is not None:
             box = layout.box()
             box.label(text=image.name, icon="IMAGE_DATA")
             box.template_icon(icon_value=layout.icon(image), scale=8.0)
-        if state.last_report:  # the latest outcome (success, cancel or error), one clause per line
-            col = layout.column(align=True)
-            for i, part in enumerate(state.last_report.split("; ")):
-                col.label(text=part, icon=report_icon(state.last_report) if i == 0 else "BLANK1")
+        draw_last_report(layout, state, success=("Textured",))
         if state.last_settings and not running:
             layout.label(text=f"Used: {state.last_settings}")
 
 
-class CONCORD_PT_consistency(bpy.types.Panel):
+class CONCORD_PT_consistency(ConcordSidebar, bpy.types.Panel):
     bl_idname = "CONCORD_PT_consistency"
     bl_label = "Consistency"
     bl_parent_id = "CONCORD_PT_texture"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Concord"
     bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):

@@ -15,47 +15,25 @@ from __future__ import annotations
 import bpy
 
 from ..core.stylize import StylizeError, frame_size
+from . import ConcordSidebar, draw_last_report, draw_model_defaults, draw_prompt, draw_run
+
+DONE = ("Stylized", "All ")  # how a report of a finished run starts
 
 
-def report_icon(text: str) -> str:
-    if text.startswith("Stylized") or text.startswith("All "):
-        return "CHECKMARK"
-    return "CANCEL" if "cancelled" in text or "interrupted" in text else "ERROR"
-
-
-class CONCORD_PT_stylize(bpy.types.Panel):
+class CONCORD_PT_stylize(ConcordSidebar, bpy.types.Panel):
     bl_idname = "CONCORD_PT_stylize"
     bl_label = "Concord Stylize Animation"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Concord"
 
     def draw(self, context):
-        from .. import ui  # the texture panel's progress bar
-
         layout = self.layout
-        layout.use_property_split = True
-        layout.use_property_decorate = False
         scene = context.scene
         s = scene.concord_stylize
         state = context.window_manager.concord_stylize_job
         running = state.running
 
-        col = layout.column()
-        col.enabled = not running
-        col.prop(s, "prompt", text="Prompt")
-        col.prop(s, "negative_prompt", text="Negative")
-        col.separator()
-        col.prop(s, "seed")
+        col = draw_prompt(layout, s, running)
         col.prop(s, "strength")
-        col.prop(s, "model_defaults")
-        if s.model_defaults:
-            col.label(text=f"From model {s.model_defaults_from}" if s.model_defaults_from
-                      else "Filled in from the server's model", icon="INFO")
-        sub = col.column()
-        sub.enabled = not s.model_defaults
-        sub.prop(s, "steps")
-        sub.prop(s, "guidance")
+        sub = draw_model_defaults(col, s)
         sub.prop(s, "frame_size")
         r = scene.render
         try:
@@ -85,21 +63,8 @@ class CONCORD_PT_stylize(bpy.types.Panel):
         col.prop(s, "chunk_size")
 
         layout.separator()
-        if running:
-            ui.draw_progress(layout, state)
-            if state.message:
-                layout.label(text=state.message)
-            row = layout.row()
-            row.enabled = not state.cancelling
-            row.operator("concord.cancel_stylize", icon="CANCEL", text="Cancelling..." if state.cancelling else "Cancel")
-        else:
-            row = layout.row()
-            row.scale_y = 1.5
-            row.operator("concord.stylize_animation", icon="RENDER_ANIMATION")
-        if state.last_report:  # the latest outcome, one clause per line
-            col = layout.column(align=True)
-            for i, part in enumerate(state.last_report.split("; ")):
-                col.label(text=part, icon=report_icon(state.last_report) if i == 0 else "BLANK1")
+        draw_run(layout, state, "concord.stylize_animation", "RENDER_ANIMATION", "concord.cancel_stylize", message=True)
+        draw_last_report(layout, state, success=DONE)
 
 
 classes = (CONCORD_PT_stylize,)

@@ -16,16 +16,16 @@ What is asserted (the `tiny` model's pictures are noise; the plumbing is what is
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import InProcessServer, StepGate
+from tests.harness import StepGate
 
 from addon_scene import addon_prefs as _prefs
+from addon_scene import addon_server, cancel_on_server
 from addon_scene import import_box as _import_box
 
 pytestmark = pytest.mark.blender
@@ -194,38 +194,16 @@ def test_no_uv_map_then_one_click_fix(addon, bpy_module, snapshot, concord_serve
 
 def test_cancel_reaches_server_and_scene_unchanged(addon, bpy_module, snapshot, tiny_model, tmp_path):
     bpy = bpy_module
-    from blender_addon.core.client import ConcordClient, JobCancelledError
     from blender_addon.ops import texture as texture_ops
 
     # The real app on a loopback port in this process, its denoiser held at the first step: the cancel
     # arrives while the job certainly runs on the server, however fast or slow the machine is.
-    with InProcessServer(tiny_model, tmp_path / "data") as srv, StepGate(tiny_model.pipe.unet) as gate:
-        _prefs(bpy).server_url = srv.url
+    with addon_server(bpy, tiny_model, tmp_path / "data") as srv, StepGate(tiny_model.pipe.unet) as gate:
         _import_box(bpy)
         _small_job(bpy, steps=5, view_resolution=64)
         before = snapshot()
-        seen = {}
-        idle = threading.Event()  # never set: waits between state reads
-
-        def cancel_when_denoising():  # a user pressing Cancel while the job runs on the server
-            gate.wait_reached()
-            job = texture_ops.active_job()
-            while job.worker is None or job.worker.job_id is None:
-                idle.wait(0.01)
-            seen["id"] = job.worker.job_id
-            texture_ops.request_cancel()
-            client = ConcordClient(srv.url)
-            while client.status(seen["id"])["message"] != "cancelling":  # the server has been told
-                idle.wait(0.01)
-            gate.release()
-
-        t = threading.Thread(target=cancel_when_denoising)
-        t.start()
-        assert bpy.ops.concord.texture_mesh(blocking=True) == {"CANCELLED"}
-        t.join()
-        # the server finishes with the job (the add-on does not wait for a slow server to confirm the cancel)
-        with pytest.raises(JobCancelledError):
-            ConcordClient(srv.url).wait(seen["id"], poll=0.01)
+        with cancel_on_server(srv.url, gate, texture_ops.active_job, texture_ops.request_cancel):
+            assert bpy.ops.concord.texture_mesh(blocking=True) == {"CANCELLED"}
         assert gate.calls == 1, "no step starts after the cancel"
     assert snapshot() == before
     assert "cancelled" in bpy.context.window_manager.concord_job.last_report

@@ -30,70 +30,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import HANG_GUARD_S, InProcessServer
+from tests.harness import StepGate
 
 from addon_scene import addon_prefs as _prefs
+from addon_scene import addon_server, cancel_on_server
+from moving_cube import CAMERA_Z, CUBE, EMISSION, FRAMES, add_moving_cube, cube_rect
 
 pytestmark = pytest.mark.blender
 
 SIZE = 64  # frames of 64 x 64 px
-UNITS_PER_PX = 0.1  # ortho_scale 6.4 over 64 px
-CUBE = 1.6  # 16 px
-CAMERA_Z = 10.0
-EMISSION = (0.5, 0.2, 0.05)  # linear; sRGB (188, 124, 63)
-START = (-0.6, -0.3)  # the cube's centre (x, y) at frame 0
-STEP = (0.2, 0.1)  # per frame: 2 px right, 1 px up in the image
-FRAMES = (1, 4)
 SRGB = np.rint([(1.055 * v ** (1 / 2.4) - 0.055) * 255 for v in EMISSION])
 
 
 def animated_scene(bpy):
-    """The moving cube, the camera, and the user's own (odd) output settings; returns the cube."""
+    """The moving cube (tests/blender/moving_cube.py) and the user's own (odd) output settings; returns the cube."""
     scene = bpy.context.scene
     r = scene.render
-    r.engine = "CYCLES"
     r.resolution_x = r.resolution_y = 2 * SIZE
     r.resolution_percentage = 50
     r.filepath = "//user_renders/"
     r.image_settings.file_format = "JPEG"
     r.image_settings.quality = 77
     scene.view_settings.view_transform = "Standard"
-    c = scene.cycles
-    c.device, c.samples, c.use_adaptive_sampling, c.use_denoising = "CPU", 1, False, False
-    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
-    scene.collection.objects.link(cam)
-    scene.camera = cam
-    cam.data.type = "ORTHO"
-    cam.data.ortho_scale = SIZE * UNITS_PER_PX
-    cam.location = (0.0, 0.0, CAMERA_Z)  # looking down -Z: image x = +X, image up = +Y
-    bpy.ops.mesh.primitive_cube_add(size=CUBE, location=(0.0, 0.0, 0.0))
-    cube = bpy.context.active_object
-    mat = bpy.data.materials.new("Emission")
-    if bpy.app.version < (5, 0, 0):
-        mat.use_nodes = True
-    nodes = mat.node_tree.nodes
-    nodes.clear()
-    emission = nodes.new("ShaderNodeEmission")
-    emission.inputs["Color"].default_value = (*EMISSION, 1.0)
-    output = nodes.new("ShaderNodeOutputMaterial")
-    mat.node_tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
-    cube.data.materials.append(mat)
-    for f in range(FRAMES[0] - 1, FRAMES[1] + 2):  # a key on every frame: exact positions
-        cube.location = (START[0] + STEP[0] * f, START[1] + STEP[1] * f, 0.0)
-        cube.keyframe_insert("location", frame=f)
-    scene.frame_start, scene.frame_end = FRAMES
+    cube = add_moving_cube(bpy, SIZE)
     scene.frame_set(2)
     return cube
 
 
 def cube_mask(frame: int) -> np.ndarray:
     """The cube's pixels in frame `frame`, row 0 = top."""
-    cx, cy = START[0] + STEP[0] * frame, START[1] + STEP[1] * frame
-    c0 = round((cx - CUBE / 2) / UNITS_PER_PX + SIZE / 2)
-    r0 = round(SIZE / 2 - (cy + CUBE / 2) / UNITS_PER_PX)
-    side = round(CUBE / UNITS_PER_PX)
     m = np.zeros((SIZE, SIZE), bool)
-    m[r0:r0 + side, c0:c0 + side] = True
+    m[cube_rect(frame, SIZE, SIZE)] = True
     return m
 
 
@@ -125,8 +92,10 @@ def _settings(bpy, out: Path | None, **extra):
     return s
 
 
-def _spy_submits(monkeypatch) -> list[dict]:
-    """The params of every job the add-on submits (the real client still sends them)."""
+@pytest.fixture
+def sent(addon, bpy_module, monkeypatch) -> list[dict]:
+    """The animated scene (the add-on enabled), and the params of every job the add-on submits from then on (the
+    real client still sends them)."""
     from blender_addon.core.client import ConcordClient
 
     sent: list[dict] = []
@@ -137,6 +106,7 @@ def _spy_submits(monkeypatch) -> list[dict]:
         return original(self, kind, params, arrays)
 
     monkeypatch.setattr(ConcordClient, "submit", submit)
+    animated_scene(bpy_module)
     return sent
 
 
@@ -212,14 +182,10 @@ def test_capture_gives_the_users_render_and_the_contracts_depth_and_motion(addon
 # ---------------------------------------------------------------------------------------------------- the operator
 
 
-def test_stylizes_the_range_into_numbered_frames_and_the_sequencer(addon, bpy_module, snapshot, tiny_model, tmp_path,
-                                                                   monkeypatch):
+def test_stylizes_the_range_into_numbered_frames_and_the_sequencer(sent, bpy_module, snapshot, tiny_model, tmp_path):
     bpy = bpy_module
-    sent = _spy_submits(monkeypatch)
-    animated_scene(bpy)
     out = tmp_path / "stylized"
-    with InProcessServer(tiny_model, tmp_path / "data") as srv:
-        _prefs(bpy).server_url = srv.url
+    with addon_server(bpy, tiny_model, tmp_path / "data"):
         _settings(bpy, out)
         before = user_state(bpy, snapshot)
         bpy.ops.ed.undo_push(message="before Concord")
@@ -258,51 +224,33 @@ def test_stylizes_the_range_into_numbered_frames_and_the_sequencer(addon, bpy_mo
     assert editor is None or len(editor.strips) == 0
 
 
-class ArmedGate:
-    """Hold ``module.forward`` (the model's UNet) at its first call after ``arm()`` until ``release()``. ``after``
-    counts the calls after arming."""
+class ArmedGate(StepGate):
+    """A StepGate that counts only the calls after ``arm()``: it holds ``module.forward`` (the model's UNet) at the
+    first of them until released; ``calls`` counts the calls after arming."""
 
     def __init__(self, module):
-        self.module = module
-        self.armed, self.reached, self.released = threading.Event(), threading.Event(), threading.Event()
-        self.after = 0
-        self._original = module.forward
+        super().__init__(module, at_call=1)
+        self.armed = threading.Event()
 
     def arm(self) -> None:
         self.armed.set()
 
-    def __enter__(self):
+    def __enter__(self) -> "ArmedGate":
         original = self._original
-
-        def gated(*args, **kwargs):
-            if self.armed.is_set():
-                self.after += 1
-                if not self.reached.is_set():
-                    self.reached.set()
-                    if not self.released.wait(HANG_GUARD_S):
-                        raise RuntimeError("ArmedGate: the test never released the gate")
-            return original(*args, **kwargs)
-
-        self.module.forward = gated
+        super().__enter__()
+        gated = self.module.forward
+        self.module.forward = lambda *args, **kwargs: (gated if self.armed.is_set() else original)(*args, **kwargs)
         return self
 
-    def __exit__(self, *exc):
-        self.released.set()
-        del self.module.forward  # back to the class's forward
 
-
-def test_cancel_in_the_second_chunk_keeps_the_first_and_a_new_run_continues(addon, bpy_module, snapshot, tiny_model,
+def test_cancel_in_the_second_chunk_keeps_the_first_and_a_new_run_continues(sent, bpy_module, snapshot, tiny_model,
                                                                               tmp_path, monkeypatch):
     bpy = bpy_module
     from blender_addon.core import stylize as core_stylize
-    from blender_addon.core.client import ConcordClient, JobCancelledError
     from blender_addon.ops import stylize as stylize_ops
 
-    sent = _spy_submits(monkeypatch)
-    animated_scene(bpy)
     out = tmp_path / "stylized"
-    with InProcessServer(tiny_model, tmp_path / "data") as srv:
-        _prefs(bpy).server_url = srv.url
+    with addon_server(bpy, tiny_model, tmp_path / "data") as srv:
         _settings(bpy, out)
         before = user_state(bpy, snapshot)
         with ArmedGate(tiny_model.pipe.unet) as gate:
@@ -315,28 +263,10 @@ def test_cancel_in_the_second_chunk_keeps_the_first_and_a_new_run_continues(addo
                 return moved
 
             monkeypatch.setattr(core_stylize, "collect_chunk_frames", collect_then_arm)
-            seen = {}
-            idle = threading.Event()  # never set: waits between state reads
-
-            def cancel_in_chunk_two():  # the user presses Cancel while the server runs the second chunk
-                assert gate.reached.wait(HANG_GUARD_S)
-                run = stylize_ops.active_run()
-                while run.worker is None or run.worker.job_id is None:
-                    idle.wait(0.01)
-                seen["id"] = run.worker.job_id
-                stylize_ops.request_cancel()
-                client = ConcordClient(srv.url)
-                while client.status(seen["id"])["message"] != "cancelling":  # the server has been told
-                    idle.wait(0.01)
-                gate.released.set()
-
-            t = threading.Thread(target=cancel_in_chunk_two)
-            t.start()
-            assert bpy.ops.concord.stylize_animation(blocking=True) == {"CANCELLED"}
-            t.join()
-            with pytest.raises(JobCancelledError):
-                ConcordClient(srv.url).wait(seen["id"], poll=0.01)
-            assert gate.after == 1, "no denoising step starts after the cancel"
+            # the user presses Cancel while the server runs the second chunk
+            with cancel_on_server(srv.url, gate, stylize_ops.active_run, stylize_ops.request_cancel):
+                assert bpy.ops.concord.stylize_animation(blocking=True) == {"CANCELLED"}
+            assert gate.calls == 1, "no denoising step starts after the cancel"
         monkeypatch.setattr(core_stylize, "collect_chunk_frames", collect)
 
         first = {name: (out / name).read_bytes() for name in _frames_in(out)}
@@ -357,26 +287,21 @@ def test_cancel_in_the_second_chunk_keeps_the_first_and_a_new_run_continues(addo
     assert len(bpy.context.scene.sequence_editor.strips) == 1
 
     # once more: every frame is there, nothing is sent, the strip is replaced (not a second one)
-    with InProcessServer(tiny_model, tmp_path / "data") as srv:
-        _prefs(bpy).server_url = srv.url
+    with addon_server(bpy, tiny_model, tmp_path / "data"):
         assert bpy.ops.concord.stylize_animation(blocking=True) == {"FINISHED"}
     assert len(sent) == 3
     assert bpy.context.window_manager.concord_stylize_job.last_report.startswith("All 4 frames")
     assert len(bpy.context.scene.sequence_editor.strips) == 1
 
 
-def test_image_sequence_source_model_defaults_and_no_sequencer(addon, bpy_module, snapshot, tiny_model, tmp_path,
-                                                               monkeypatch):
+def test_image_sequence_source_model_defaults_and_no_sequencer(sent, bpy_module, snapshot, tiny_model, tmp_path):
     bpy = bpy_module
-    sent = _spy_submits(monkeypatch)
-    animated_scene(bpy)
     seq = tmp_path / "renders"
     seq.mkdir()
     for f in (1, 2):
         Image.fromarray(np.full((SIZE, SIZE, 3), 60 * f, np.uint8)).save(seq / f"render_{f:04d}.png")
     out = tmp_path / "stylized"
-    with InProcessServer(tiny_model, tmp_path / "data") as srv:
-        _prefs(bpy).server_url = srv.url
+    with addon_server(bpy, tiny_model, tmp_path / "data"):
         s = _settings(bpy, out, source="SEQUENCE", sequence_dir=str(seq), range_mode="CUSTOM", frame_start=1,
                       frame_end=2, load_in_sequencer=False, model_defaults=True, frame_size=512, steps=9)
         before = user_state(bpy, snapshot)

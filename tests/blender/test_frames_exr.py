@@ -1,7 +1,7 @@
 """concord.frames.io on OpenEXR frames rendered by Blender itself (the bpy wheel, Cycles on the CPU).
 
 A 16 px cube (emission only) moves by a known number of pixels per frame in front of an orthographic camera
-(0.1 scene units per pixel, 64x48 px). Blender writes the animation as multilayer EXR through its own render
+(0.1 scene units per pixel, 64x48 px; the scene: tests/blender/moving_cube.py). Blender writes the animation as multilayer EXR through its own render
 output, exactly as a user would (Output Properties > File Format "OpenEXR MultiLayer", Render Animation), and
 FrameFolder must recover the image, the planar depth and the motion in the FrameSet contract's conventions
 (rows top-down, motion = previous - current with y down).
@@ -17,51 +17,21 @@ import pytest
 from concord.frames.frameset import FrameSetError
 from concord.frames.io import FrameFolder, _exr_header, _oiio
 
+from moving_cube import CAMERA_Z, CUBE, EMISSION, FRAMES, STEP, UNITS_PER_PX, add_moving_cube, cube_rect
+
 pytestmark = pytest.mark.blender
 
-W, H = 64, 48
-UNITS_PER_PX = 0.1  # ortho_scale 6.4 over 64 px
-CUBE = 1.6  # side in scene units: 16 px
-CAMERA_Z = 10.0
-EMISSION = (0.5, 0.2, 0.05)  # linear
-START = (-0.6, -0.3)  # the cube's centre (x, y) at frame 0, scene units
-STEP = (0.2, 0.1)  # per frame: 2 px right, 1 px UP in the image
-FRAMES = (1, 4)
+W, H = 64, 48  # the camera's ortho scale covers the 64 px width
 
 
 def render_moving_cube(bpy, out: Path, *, vector: bool = True, depth: bool = True) -> Path:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
     r = scene.render
-    r.engine = "CYCLES"
     r.resolution_x, r.resolution_y, r.resolution_percentage = W, H, 100
     r.use_motion_blur = False  # Blender writes no Vector pass with motion blur on
-    c = scene.cycles
-    c.device, c.samples, c.use_adaptive_sampling, c.use_denoising = "CPU", 1, False, False
-    c.filter_width = 0.01  # one ray through each pixel's centre
-    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
-    scene.collection.objects.link(cam)
-    scene.camera = cam
-    cam.data.type = "ORTHO"
-    cam.data.ortho_scale = W * UNITS_PER_PX
-    cam.location = (0.0, 0.0, CAMERA_Z)  # looking down -Z, image x = +X, image up = +Y
-    bpy.ops.mesh.primitive_cube_add(size=CUBE, location=(0.0, 0.0, 0.0))
-    cube = bpy.context.active_object
-    mat = bpy.data.materials.new("Emission")
-    if bpy.app.version < (5, 0, 0):
-        mat.use_nodes = True
-    nodes = mat.node_tree.nodes
-    nodes.clear()
-    emission = nodes.new("ShaderNodeEmission")
-    emission.inputs["Color"].default_value = (*EMISSION, 1.0)
-    output = nodes.new("ShaderNodeOutputMaterial")
-    mat.node_tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
-    cube.data.materials.append(mat)
-    # a key on every frame (one before the first, one after the last): exact positions whatever the interpolation
-    for f in range(FRAMES[0] - 1, FRAMES[1] + 2):
-        cube.location = (START[0] + STEP[0] * f, START[1] + STEP[1] * f, 0.0)
-        cube.keyframe_insert("location", frame=f)
-    scene.frame_start, scene.frame_end = FRAMES
+    add_moving_cube(bpy, W)  # Cycles at one sample, the camera, the keyed cube, frames 1..4
+    scene.cycles.filter_width = 0.01  # one ray through each pixel's centre
     layer = scene.view_layers[0]
     layer.use_pass_z = depth
     layer.use_pass_vector = vector
@@ -73,15 +43,6 @@ def render_moving_cube(bpy, out: Path, *, vector: bool = True, depth: bool = Tru
     r.filepath = str(out / "frame_")
     bpy.ops.render.render(animation=True)
     return out
-
-
-def cube_rect(frame: int) -> tuple[slice, slice]:
-    """The cube's pixels in Blender frame `frame`: (rows, cols), row 0 = top."""
-    cx, cy = START[0] + STEP[0] * frame, START[1] + STEP[1] * frame
-    c0 = round((cx - CUBE / 2) / UNITS_PER_PX + W / 2)
-    r0 = round(H / 2 - (cy + CUBE / 2) / UNITS_PER_PX)
-    side = round(CUBE / UNITS_PER_PX)
-    return slice(r0, r0 + side), slice(c0, c0 + side)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +76,7 @@ def test_exr_frames_give_image_depth_and_motion_in_the_contracts_conventions(ren
     # (dx = -2) and 1 px lower (dy = +1, y down) in the previous frame
     expected_motion = (-STEP[0] / UNITS_PER_PX, STEP[1] / UNITS_PER_PX)
     for k in range(len(folder)):
-        rect = cube_rect(FRAMES[0] + k)
+        rect = cube_rect(FRAMES[0] + k, W, H)
         on_cube = np.zeros((H, W), bool)
         on_cube[rect] = True
         np.testing.assert_array_equal(fs.depth[k] > 0, on_cube)  # rows top-down: the same rectangle
