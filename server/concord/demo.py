@@ -19,7 +19,7 @@ What it does, all on this machine and offline:
    ``panel.png`` (the add-on's sidebar panel, drawn from its own ``draw()``: a headless Blender cannot take a
    screenshot), and prints where.
 
-Runs in about 30 s on 2 CPU cores. Blender's user folders (XDG_CONFIG_HOME, XDG_CACHE_HOME,
+Runs in about 90 s on 2 CPU cores. Blender's user folders (XDG_CONFIG_HOME, XDG_CACHE_HOME,
 BLENDER_USER_RESOURCES) are pointed at a temporary folder so the demo never touches the user's Blender set-up.
 
 Layer rule: a command-line driver. It may import bpy and the add-on (it is Blender's user here), never the
@@ -115,6 +115,7 @@ def render_turntable(bpy, ob, out_png: Path, frames: int = TURNTABLE_FRAMES, siz
     scene = bpy.context.scene
     r = scene.render
     r.engine = "CYCLES"
+    r.use_sequencer = False  # the stylized strip is in the Video Sequencer: render the 3D scene, not the strip
     r.resolution_x = r.resolution_y = size
     r.resolution_percentage = 100
     r.film_transparent = False
@@ -197,7 +198,7 @@ def stylize_turning(bpy, ob, out_dir: Path, model: str) -> dict:
     cam = bpy.data.objects.new("Stylize Camera", bpy.data.cameras.new("Stylize Camera"))
     cam.data.lens = 50.0
     scene.collection.objects.link(cam)
-    cam.location = (0.0, -7.5, 1.2)
+    cam.location = (0.0, -5.5, 0.9)
     _look_at(bpy, cam, ob.matrix_world.translation)
     scene.camera = cam
     sun = bpy.data.objects.new("Stylize Sun", bpy.data.lights.new("Stylize Sun", "SUN"))
