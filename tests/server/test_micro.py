@@ -448,3 +448,22 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
+
+
+def test_training_only_the_attention_blocks_leaves_everything_else_as_it_was(tmp_path):
+    from concord.micro.train import MODEL_DIR, TrainConfig, train
+
+    _v1_test_model(tmp_path / "v1")
+    grown = build_components("test", seed=0)
+    from concord.micro.train import _warm_start
+
+    _warm_start(grown, tmp_path / "v1")
+    train(TrainConfig(out=str(tmp_path / "run"), steps=2, preset="test", batch=4, size=32, warmup_steps=1, lr=1e-2,
+                      seed=1, minutes=5, threads=0, views=2, single_share=0.0, init_from=str(tmp_path / "v1"),
+                      train_only="attention"), progress=False)
+    after = MicroPipeline.from_pretrained(tmp_path / "run" / MODEL_DIR)
+    before = {k: v.half().float() for k, v in grown["unet"].state_dict().items()}  # saved in fp16
+    changed = {k for k, v in after.unet.state_dict().items() if not torch.equal(v.float(), before[k])}
+    assert changed and all(".attentions." in k for k in changed)
+    old_text = {k: v.half().float() for k, v in grown["text_encoder"].state_dict().items()}
+    assert all(torch.equal(v.float(), old_text[k]) for k, v in after.text_encoder.state_dict().items())

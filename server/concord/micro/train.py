@@ -76,6 +76,7 @@ class TrainConfig:
     init_from: str | None = None  # a save_pretrained folder to start from (warm start; see `_warm_start`)
     views: int = 1  # > 1: multi-view steps on sets of this many views with extended attention installed
     single_share: float = 0.25  # with views > 1: the share of steps that train on single images (V = 1)
+    train_only: str = "all"  # "all", or "attention": only the UNet's attention blocks train (the rest is frozen)
 
 
 class TrainError(ValueError):
@@ -173,6 +174,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise TrainError("--views must be >= 1")
     if not 0.0 <= cfg.single_share <= 1.0:
         raise TrainError("--single-share must be in [0, 1]")
+    if cfg.train_only not in ("all", "attention"):
+        raise TrainError("--train-only must be all or attention")
     if cfg.init_from is not None and not (Path(cfg.init_from) / "model_index.json").is_file():
         raise TrainError(f"--init-from {cfg.init_from}: not a micro model folder (no model_index.json)")
     device = _resolve_device(cfg.device)
@@ -208,7 +211,14 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
     unet.train()
     text_encoder.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    if cfg.train_only == "attention":  # the transformer blocks (self/cross attention, feed-forward, their norms)
+        for m in (unet, text_encoder):
+            m.requires_grad_(False)
+        params = [prm for name, prm in unet.named_parameters() if ".attentions." in name]
+        for prm in params:
+            prm.requires_grad_(True)
+    else:
+        params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     alphas_cumprod = comps["scheduler"].alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -218,7 +228,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     step, samples, train_seconds = 0, 0, 0.0
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        same = ("preset", "seed", "views", "single_share", "init_from")
+        same = ("preset", "seed", "views", "single_share", "init_from", "train_only")
         if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
             written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
@@ -286,6 +296,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "parameters": count_parameters(unet) + count_parameters(text_encoder),
             "final_loss": final_loss,
             "views": cfg.views,
+            "train_only": cfg.train_only,
             "single_share": cfg.single_share if cfg.views > 1 else None,
             "init_from": cfg.init_from,
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
@@ -293,7 +304,10 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             + (f" --batch {cfg.batch}" if cfg.batch else "")
             + (f" --steps {cfg.steps}" if cfg.steps else "")
             + (f" --views {cfg.views} --single-share {cfg.single_share:g}" if cfg.views > 1 else "")
-            + (f" --init-from {cfg.init_from}" if cfg.init_from else ""),
+            + (f" --init-from {cfg.init_from}" if cfg.init_from else "")
+            + (f" --train-only {cfg.train_only}" if cfg.train_only != "all" else "")
+            + (f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != 200 else "")
+            + (f" --lr {cfg.lr:g}" if cfg.lr != 1e-3 else ""),
         }
         (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -403,6 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "architecture: new attention blocks start as identity)")
     parser.add_argument("--views", type=int, default=1, help="> 1: train on sets of this many views of one object "
                         "with extended attention installed (default 1: single images)")
+    parser.add_argument("--train-only", default="all", choices=["all", "attention"],
+                        help="attention: train only the UNet's attention blocks, the rest frozen (default all)")
+    parser.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up (default 200)")
     parser.add_argument("--single-share", type=float, default=0.25, help="with --views > 1, the share of steps on "
                         "single images (default 0.25)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -433,6 +450,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         views=args.views,
         single_share=args.single_share,
+        train_only=args.train_only,
+        warmup_steps=args.warmup_steps,
     )
     try:
         summary = train(cfg, progress=not args.no_progress)
