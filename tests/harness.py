@@ -16,6 +16,8 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+
+import pytest
 from pathlib import Path
 
 HANG_GUARD_S = 600.0
@@ -121,3 +123,21 @@ def worker_messages(worker, guard: float = HANG_GUARD_S) -> list:
     assert not worker.is_alive(), "the worker runs on after its final message"
     assert worker.drain() == [], "nothing may follow the final message"
     return msgs
+
+
+
+def one_torch_thread():
+    """An autouse, module-scoped fixture that runs torch on one thread (assign it in a test module:
+    ``_one_thread = one_torch_thread()``). The models those modules run are small: one thread is as fast as two,
+    and two threads on a busy 2-core machine are not."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _one_thread():
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(old)
+
+    return _one_thread

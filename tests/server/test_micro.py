@@ -26,15 +26,10 @@ from concord.micro.model import (
     micro_parts,
     tokenize,
 )
+from tests.harness import one_torch_thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast as two, and two threads on a busy 2-core machine are not."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = one_torch_thread()
 
 
 # --------------------------------------------------------------------------------------------------------------

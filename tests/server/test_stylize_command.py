@@ -7,19 +7,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from concord.stylize_command import main
 from concord.micro.animation import spinning_frames
+from tests.harness import one_torch_thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = one_torch_thread()
 
 
 @pytest.fixture(scope="module")
