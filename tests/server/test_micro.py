@@ -435,12 +435,15 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
 
     _v1_test_model(tmp_path / "v1")
     common = dict(preset="test", batch=6, size=32, log_every=1, warmup_steps=2, seed=2, minutes=5, threads=0,
-                  views=3, single_share=0.5, init_from=str(tmp_path / "v1"))
+                  views=3, single_share=0.5, init_from=str(tmp_path / "v1"), open_share=0.5)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common), progress=False)
-    assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1")
+    assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1") and whole["open_share"] == 0.5
+    assert "--open-prompts 0.5" in whole["command"]
     train(TrainConfig(out=str(tmp_path / "split"), steps=2, **common), progress=False)
     with pytest.raises(TrainError, match="resume with the same values"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
+    with pytest.raises(TrainError, match="open_share=0.5"):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "open_share": 0.0}), progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
 
@@ -462,3 +465,37 @@ def test_training_only_the_attention_blocks_leaves_everything_else_as_it_was(tmp
     assert changed and all(".attentions." in k for k in changed)
     old_text = {k: v.half().float() for k, v in grown["text_encoder"].state_dict().items()}
     assert all(torch.equal(v.float(), old_text[k]) for k, v in after.text_encoder.state_dict().items())
+
+
+def test_open_prompts_name_no_colour_and_a_set_shares_one_prompt():
+    from concord.micro.data import generate_view_sets, open_prompt, prompt_for
+    from concord.micro.train import TrainConfig, _step_prompts
+
+    b = generate_view_sets(4, 3, seed=5, index=0, split="test")
+    tok = build_tokenizer(16)
+    for spec in b.specs:
+        text = open_prompt(spec)
+        assert not set(text.split()) & set(COLOUR_NAMES), text
+        assert parse_prompt(text) == (spec.shape, spec.pattern, -1, -1)
+        assert parse_prompt(spec.prompt) == (spec.shape, spec.pattern, spec.colour1, spec.colour2)
+        assert tok.unk_token_id not in tokenize(tok, [text])[0].tolist()  # every word is in the vocabulary
+    assert prompt_for("sphere", "plain", -1) == "a sphere" and prompt_for("box", "dots", -1) == "a dots box"
+
+    def prompts(share, step=0, drop=0.0):
+        return _step_prompts(TrainConfig(out="-", open_share=share, text_drop=drop, seed=3), step, b, 3)
+
+    assert prompts(0.0) == b.prompts
+    assert prompts(1.0) == [open_prompt(s) for s in b.specs]
+    # a share: drawn per object (the 3 views of a set share one prompt), the same on every call for the same step
+    seen = set()
+    for step in range(20):
+        ps = prompts(0.5, step, drop=0.3)
+        assert ps == prompts(0.5, step, drop=0.3)
+        for obj in range(4):
+            group = ps[obj * 3:(obj + 1) * 3]
+            assert len(set(group)) == 1
+            full = b.prompts[obj * 3]
+            kind = "dropped" if group[0] == "" else "full" if group[0] == full else "open"
+            assert kind != "open" or group[0] == open_prompt(b.specs[obj * 3])
+            seen.add(kind)
+    assert seen == {"dropped", "full", "open"}

@@ -76,6 +76,7 @@ __all__ = [
     "RIG_AZIMUTHS",
     "RIG_ELEVATIONS",
     "prompt_for",
+    "open_prompt",
     "parse_prompt",
 ]
 
@@ -153,15 +154,35 @@ class MicroBatch:
 
 
 def prompt_for(shape: str, pattern: str, colour1: int, colour2: int = -1) -> str:
+    """The full prompt; ``colour1 = -1`` gives the OPEN prompt, which names the pattern and shape but no colour
+    ("a checker box", "a sphere"): the colours are left for the model to choose (`open_prompt`)."""
+    if colour1 < 0:
+        return f"a {shape}" if pattern == "plain" else f"a {pattern} {shape}"
     if pattern == "plain":
         return f"a {COLOUR_NAMES[colour1]} {shape}"
     return f"a {COLOUR_NAMES[colour1]} and {COLOUR_NAMES[colour2]} {pattern} {shape}"
 
 
+def open_prompt(spec: SampleSpec) -> str:
+    """`spec`'s prompt with the colours left out: "a red and yellow checker box" -> "a checker box".
+
+    Why: a prompt that fixes everything leaves views nothing to agree on but the pattern's phase. Real prompts
+    leave most things open ("a barrel" says nothing of the wood's colour), and what they leave open is exactly
+    where independently generated views disagree and shared attention must make them agree (MVDream, Shi et al.
+    2023). The trainer uses these for a share of objects (`--open-prompts`); `bench/consistency.py --open`
+    measures the consistency mechanisms on them."""
+    return prompt_for(spec.shape, spec.pattern, -1)
+
+
 def parse_prompt(prompt: str) -> tuple[str, str, int, int]:
-    """Inverse of `prompt_for`: (shape, pattern, colour1, colour2). Raises ValueError on other prompts."""
+    """Inverse of `prompt_for`: (shape, pattern, colour1, colour2), colours -1 where an open prompt names none.
+    Raises ValueError on other prompts."""
     w = prompt.lower().split()
     try:
+        if len(w) == 2 and w[0] == "a" and w[1] in SHAPES:
+            return w[1], "plain", -1, -1
+        if len(w) == 3 and w[0] == "a" and w[1] in PATTERNS[1:] and w[2] in SHAPES:
+            return w[2], w[1], -1, -1
         if len(w) == 3 and w[0] == "a":
             return w[2], "plain", COLOUR_NAMES.index(w[1]), -1
         if len(w) == 6 and w[0] == "a" and w[2] == "and" and w[4] in PATTERNS[1:] and w[5] in SHAPES:

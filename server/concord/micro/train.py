@@ -77,6 +77,7 @@ class TrainConfig:
     views: int = 1  # > 1: multi-view steps on sets of this many views with extended attention installed
     single_share: float = 0.25  # with views > 1: the share of steps that train on single images (V = 1)
     train_only: str = "all"  # "all", or "attention": only the UNet's attention blocks train (the rest is frozen)
+    open_share: float = 0.0  # the share of objects whose prompt leaves the colours open (`data.open_prompt`)
 
 
 class TrainError(ValueError):
@@ -109,6 +110,19 @@ def _views_at(cfg: TrainConfig, step: int) -> int:
     if cfg.views == 1:
         return 1
     return 1 if np.random.default_rng(_step_seed(cfg.seed, step, 3)).random() < cfg.single_share else cfg.views
+
+
+def _step_prompts(cfg: TrainConfig, step: int, data, views: int) -> list[str]:
+    """The prompts step `step` trains on: each object's full prompt, its open form (no colours named,
+    `data.open_prompt`) with probability cfg.open_share, or "" with probability cfg.text_drop (classifier-free
+    guidance). Both draws are per OBJECT -- a set's views share one prompt, as they do in a texture job -- from
+    generators seeded by (seed, step), so a resumed run draws the same."""
+    from concord.micro.data import open_prompt
+
+    objects = len(data.prompts) // views
+    drop = np.repeat(np.random.default_rng(_step_seed(cfg.seed, step, 1)).random(objects) < cfg.text_drop, views)
+    opened = np.repeat(np.random.default_rng(_step_seed(cfg.seed, step, 4)).random(objects) < cfg.open_share, views)
+    return ["" if d else (open_prompt(spec) if o else p) for d, o, p, spec in zip(drop, opened, data.prompts, data.specs)]
 
 
 def _warm_start(comps: dict, folder: Path) -> None:
@@ -228,7 +242,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     step, samples, train_seconds = 0, 0, 0.0
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        same = ("preset", "seed", "views", "single_share", "init_from", "train_only")
+        same = ("preset", "seed", "views", "single_share", "init_from", "train_only", "open_share")
         if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
             written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
@@ -299,6 +313,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "train_only": cfg.train_only,
             "single_share": cfg.single_share if cfg.views > 1 else None,
             "init_from": cfg.init_from,
+            "open_share": cfg.open_share,
+            "warmup_steps": cfg.warmup_steps,
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
             + (f" --preset {cfg.preset}" if cfg.preset != "micro" else "")
             + (f" --batch {cfg.batch}" if cfg.batch else "")
@@ -307,6 +323,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             + (f" --init-from {cfg.init_from}" if cfg.init_from else "")
             + (f" --train-only {cfg.train_only}" if cfg.train_only != "all" else "")
             + (f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != 200 else "")
+            + (f" --open-prompts {cfg.open_share:g}" if cfg.open_share else "")
             + (f" --lr {cfg.lr:g}" if cfg.lr != 1e-3 else ""),
         }
         (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -346,9 +363,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 data = generate_view_sets(max(1, batch // views), views, cfg.seed, index=step, height=cfg.size,
                                           width=cfg.size, split="train")
             n = len(data.prompts)
-            # Prompts are dropped per object (a set's views together), as guidance later drops them per group.
-            drop = np.repeat(np.random.default_rng(_step_seed(cfg.seed, step, 1)).random(n // views) < cfg.text_drop, views)
-            prompts = ["" if d else p for d, p in zip(drop, data.prompts)]
+            prompts = _step_prompts(cfg, step, data, views)
             gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 2))
             x0 = codec.encode(torch.from_numpy(data.images).permute(0, 3, 1, 2))
             cond = micro_conditioning(data.depth)
@@ -422,6 +437,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up (default 200)")
     parser.add_argument("--single-share", type=float, default=0.25, help="with --views > 1, the share of steps on "
                         "single images (default 0.25)")
+    parser.add_argument("--open-prompts", type=float, default=0.0, help="the share of objects whose prompt names "
+                        "no colours, e.g. 'a checker box' (default 0); views must then agree on colours themselves")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -452,6 +469,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         single_share=args.single_share,
         train_only=args.train_only,
         warmup_steps=args.warmup_steps,
+        open_share=args.open_prompts,
     )
     try:
         summary = train(cfg, progress=not args.no_progress)
