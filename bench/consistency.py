@@ -47,47 +47,51 @@ def main() -> None:
                     help="also measure the open prompts (no colours named) on the same meshes and seeds")
     args = ap.parse_args()
     model = load_model(args.model, "auto")
-    views = render_fixture_views(MESH, args.size)
     out = Path(args.out)
     seeds = tuple(range(args.seeds))
-    rows = measure(model, views, PROMPT, seeds=seeds, steps=args.steps, out_dir=out)
-    for r in rows:
-        r.update(model=args.model, mesh=MESH.name, prompt=PROMPT, views=views.num_views, size=args.size, steps=args.steps)
-    pick = {k: CONFIGS[k] for k in ("independent", "shared attention", "grid", "all")}
-    if args.open:
-        prompt = open_form(PROMPT)
-        extra = measure(model, views, prompt, seeds=seeds, steps=args.steps, out_dir=out / "open")
-        for r in extra:
-            r.update(model=args.model, mesh=MESH.name, prompt=prompt, views=views.num_views, size=args.size, steps=args.steps)
-        rows += extra
+
+    def measured(mesh: str, views, prompt: str, sub: str, configs=None) -> list[dict]:
+        """`measure` on one mesh and prompt, each row labelled with what was measured."""
+        rows = measure(model, views, prompt, seeds=seeds, steps=args.steps, out_dir=out / sub, configs=configs)
+        for r in rows:
+            r.update(model=args.model, mesh=mesh, prompt=prompt, views=views.num_views, size=args.size, steps=args.steps)
+        return rows
+
+    def prompts(full: str) -> list[tuple[str, str]]:
+        """(prompt, folder suffix): the full prompt, and with --open its open form."""
+        return [(full, "")] + ([(open_form(full), "open")] if args.open else [])
+
+    views = render_fixture_views(MESH, args.size)
+    rows = []
+    for prompt, suffix in prompts(PROMPT):
+        rows += measured(MESH.name, views, prompt, suffix)
     if args.procedural:
+        pick = {k: CONFIGS[k] for k in ("independent", "shared attention", "grid", "all")}
         for name, _build, full in PROCEDURAL_OBJECTS:
             mesh_views = render_fixture_views(procedural_mesh_file(name, out), args.size, unwrap=True)
-            for prompt in (full, open_form(full)) if args.open else (full,):
-                sub = f"procedural-{name}" + ("-open" if prompt != full else "")
-                extra = measure(model, mesh_views, prompt, seeds=seeds, steps=args.steps, out_dir=out / sub, configs=pick)
-                for r in extra:
-                    r.update(model=args.model, mesh=f"procedural {name}", prompt=prompt, views=mesh_views.num_views,
-                             size=args.size, steps=args.steps)
-                rows += extra
+            for prompt, suffix in prompts(full):
+                sub = f"procedural-{name}" + (f"-{suffix}" if suffix else "")
+                rows += measured(f"procedural {name}", mesh_views, prompt, sub, pick)
     report("consistency", rows,
            ["mesh", "prompt", "config", "disagreement", "ratio_to_independent", "per_seed", "coverage", "seconds"])
-    # Picture: the same seed, independent (left) vs all mechanisms (right).
-    pics = [np.asarray(Image.open(out / name / "seed0" / "grid.png").convert("RGB")) for name in ("independent", "all")]
-    half = [p[: p.shape[0] // 2] for p in pics]  # the views, without the control row
-    sheet = np.concatenate(half, axis=1)
+    # Pictures, the same seed: independent (left) vs all mechanisms (right); with --open, the open prompt's
+    # independent views vs shared attention alone.
+    side_by_side(out, ("independent", "all"), "consistency.png",
+                 "left: independent, right: shared attention + UV sync + UV noise")
+    if args.open:
+        side_by_side(out / "open", ("independent", "shared_attention"), "consistency-open.png",
+                     f"{open_form(PROMPT)!r}; left: independent, right: shared attention alone")
+
+
+def side_by_side(folder: Path, configs: tuple[str, str], name: str, caption: str) -> None:
+    """docs/images/NAME: seed 0's generated views (each grid.png without its depth row) of two configurations,
+    side by side, upscaled 2x."""
+    pics = [np.asarray(Image.open(folder / c / "seed0" / "grid.png").convert("RGB")) for c in configs]
+    sheet = np.concatenate([p[: p.shape[0] // 2] for p in pics], axis=1)  # the views, without the control row
     images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(images / "consistency.png")
-    print(f"wrote {images / 'consistency.png'} (left: independent, right: shared attention + UV sync + UV noise)")
-    if args.open:
-        pics = [np.asarray(Image.open(out / "open" / name / "seed0" / "grid.png").convert("RGB"))
-                for name in ("independent", "shared_attention")]
-        sheet = np.concatenate([p[: p.shape[0] // 2] for p in pics], axis=1)
-        Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(
-            images / "consistency-open.png")
-        print(f"wrote {images / 'consistency-open.png'} ({open_form(PROMPT)!r}; left: independent, right: shared "
-              "attention alone)")
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(images / name)
+    print(f"wrote {images / name} ({caption})")
 
 
 def open_form(prompt: str) -> str:
