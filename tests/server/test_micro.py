@@ -435,15 +435,19 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
 
     _v1_test_model(tmp_path / "v1")
     common = dict(preset="test", batch=6, size=32, log_every=1, warmup_steps=2, seed=2, minutes=5, threads=0,
-                  views=3, single_share=0.5, init_from=str(tmp_path / "v1"), open_share=0.5)
+                  views=3, single_share=0.5, init_from=str(tmp_path / "v1"), open_share=0.5, set_timesteps="shared",
+                  edge_weight=4.0)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common), progress=False)
     assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1") and whole["open_share"] == 0.5
-    assert "--open-prompts 0.5" in whole["command"]
+    assert whole["set_timesteps"] == "shared" and whole["edge_weight"] == 4.0
+    assert "--open-prompts 0.5" in whole["command"] and "--set-timesteps shared --edge-weight 4" in whole["command"]
     train(TrainConfig(out=str(tmp_path / "split"), steps=2, **common), progress=False)
     with pytest.raises(TrainError, match="resume with the same values"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
     with pytest.raises(TrainError, match="open_share=0.5"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "open_share": 0.0}), progress=False)
+    with pytest.raises(TrainError, match="edge_weight=4.0"):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "edge_weight": 1.0}), progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
 
@@ -499,3 +503,36 @@ def test_open_prompts_name_no_colour_and_a_set_shares_one_prompt():
             assert kind != "open" or group[0] == open_prompt(b.specs[obj * 3])
             seen.add(kind)
     assert seen == {"dropped", "full", "open"}
+
+
+def test_a_view_set_trains_at_one_noise_level_when_asked():
+    from concord.micro.train import _step_timesteps
+
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    shared = _step_timesteps(gen(), 12, 3, True, 1000)
+    assert shared.shape == (12,) and all(len(set(shared[i:i + 3].tolist())) == 1 for i in range(0, 12, 3))
+    assert len(set(shared.tolist())) > 1  # the sets differ from each other
+    independent = _step_timesteps(gen(), 12, 3, False, 1000)
+    assert torch.equal(independent, torch.randint(0, 1000, (12,), generator=gen()))  # the earlier runs' draw, unchanged
+    assert torch.equal(_step_timesteps(gen(), 12, 1, True, 1000), independent)  # single images: one t each
+
+
+def test_edge_weights_mark_the_outline_on_both_sides_and_nothing_else():
+    from concord.micro.data import generate_batch
+    from concord.micro.train import edge_weights
+
+    mask = np.zeros((2, 8, 8), bool)
+    mask[0, 2:5, 3:6] = True  # a 3x3 square; image 1 is all background
+    w = edge_weights(mask, 4.0)
+    assert w.dtype == np.float32 and w.shape == mask.shape
+    assert (w[1] == 1).all()
+    ring = np.zeros((8, 8), bool)
+    ring[1:6, 2:7] = True
+    ring[3, 4] = False  # the square's centre pixel sees only object
+    assert np.array_equal(w[0] == 4.0, ring)
+    assert set(np.unique(w[0])) == {1.0, 4.0}
+    # on real data: every outline pixel touches the other side, and the outline is a small share of the picture
+    b = generate_batch(8, 0, index=0, height=64, width=64, split="test")
+    we = edge_weights(b.mask, 3.0) == 3.0
+    assert 0 < we.mean() < 0.15
+    assert (we & b.mask).any() and (we & ~b.mask).any()
