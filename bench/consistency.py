@@ -10,7 +10,9 @@ checker cylinder", `concord.micro.data.open_prompt`), so independent views also 
 real prompts leave most things open -- and shared attention has something to make them agree on.
 
 Prints a table, writes bench/results/consistency.json and docs/images/consistency.png (independent vs
-synchronized views side by side, same seed).
+synchronized views side by side, same seed). Each row also gives, per seed, the share of views on the most common
+pair of micro's palette colours (`concord.micro.evaluate.colour_pair_agreement`): what shared attention is for on
+the open prompt.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from concord.consistency_eval import CONFIGS, PROCEDURAL_OBJECTS, measure, procedural_mesh_file, render_fixture_views  # noqa: E402
+from concord.consistency_eval import (  # noqa: E402
+    CONFIGS,
+    PROCEDURAL_OBJECTS,
+    measure,
+    procedural_mesh_file,
+    render_fixture_views,
+    views_of,
+)
+from concord.micro.evaluate import colour_pair_agreement  # noqa: E402
 from concord.models.registry import load_model  # noqa: E402
 
 MESH = ROOT / "tests" / "fixtures" / "meshes" / "barrel" / "barrel.glb"
@@ -55,6 +65,9 @@ def main() -> None:
         rows = measure(model, views, prompt, seeds=seeds, steps=args.steps, out_dir=out / sub, configs=configs)
         for r in rows:
             r.update(model=args.model, mesh=mesh, prompt=prompt, views=views.num_views, size=args.size, steps=args.steps)
+            # micro's palette: the share of views on the most common colour pair, per seed
+            r["colour_agreement"] = [colour_pair_agreement(views_of(out / sub, r["config"], s), views.depth > 0)
+                                     for s in seeds]
         return rows
 
     def prompts(full: str) -> list[tuple[str, str]]:
@@ -73,7 +86,8 @@ def main() -> None:
                 sub = f"procedural-{name}" + (f"-{suffix}" if suffix else "")
                 rows += measured(f"procedural {name}", mesh_views, prompt, sub, pick)
     report("consistency", rows,
-           ["mesh", "prompt", "config", "disagreement", "ratio_to_independent", "per_seed", "coverage", "seconds"])
+           ["mesh", "prompt", "config", "disagreement", "ratio_to_independent", "per_seed", "colour_agreement", "coverage",
+            "seconds"])
     # Pictures, the same seed: independent (left) vs all mechanisms (right); with --open, the open prompt's
     # independent views vs shared attention alone.
     side_by_side(out, ("independent", "all"), "consistency.png",

@@ -84,6 +84,15 @@ def run_config(model, viewset, prompt: str, consistency: dict, seed: int, steps:
     return json.loads((out_dir / "metrics.json").read_text())
 
 
+def views_of(out_dir: Path, config: str, seed: int) -> np.ndarray:
+    """The generated views (V, H, W, 3) uint8 that `measure(..., out_dir=out_dir)` wrote for one configuration and
+    seed."""
+    from PIL import Image
+
+    folder = Path(out_dir) / config.replace(" ", "_") / f"seed{seed}" / "views"
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("view_*.png"))])
+
+
 def measure(model, viewset, prompt: str, seeds=(0, 1, 2), steps: int = 20, texture_size: int = 256,
             out_dir: Path | None = None, configs: dict[str, dict] | None = None, guidance: float = 2.0) -> list[dict]:
     """Rows {config, disagreement (mean over seeds), per_seed, coverage, seconds} for each configuration."""

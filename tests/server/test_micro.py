@@ -536,3 +536,21 @@ def test_edge_weights_mark_the_outline_on_both_sides_and_nothing_else():
     we = edge_weights(b.mask, 3.0) == 3.0
     assert 0 < we.mean() < 0.15
     assert (we & b.mask).any() and (we & ~b.mask).any()
+
+
+def test_colour_pair_agreement_counts_views_on_the_most_common_pair():
+    from concord.micro.evaluate import colour_pair_agreement
+
+    mask = np.zeros((4, 8, 8), bool)
+    mask[:, 2:6, 2:6] = True
+    views = np.tile(np.asarray(BACKGROUND, np.float32), (4, 8, 8, 1))
+    pal = [np.asarray(COLOURS[name], np.float32) / 255.0 for name in COLOUR_NAMES]
+    pairs = [(0, 1), (0, 1), (0, 1), (2, 3)]
+    for v, (a, b) in enumerate(pairs):  # left half one colour, right half the other
+        views[v, 2:6, 2:4] = pal[a]
+        views[v, 2:6, 4:6] = pal[b]
+    assert colour_pair_agreement(views, mask) == 0.75
+    assert colour_pair_agreement((views * 255).round().astype(np.uint8), mask) == 0.75
+    views[1, 2:6, 4:6] = pal[4]
+    views[2, 2:6, 4:6] = pal[5]
+    assert colour_pair_agreement(views, mask) == 0.25  # every view its own pair

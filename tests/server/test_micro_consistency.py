@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from concord.consistency_eval import CONFIGS, measure, render_fixture_views
-from concord.micro.evaluate import colour_votes
+from concord.consistency_eval import CONFIGS, measure, render_fixture_views, views_of
+from concord.micro.evaluate import colour_pair_agreement
 from concord.models.registry import offline_status
 
 MESH = Path(__file__).resolve().parents[1] / "fixtures" / "meshes" / "barrel" / "barrel.glb"
@@ -81,12 +80,6 @@ def open_rows(model, fixture_views, out_dir):
                     {k: CONFIGS[k] for k in ("independent", "shared attention")})
 
 
-def views_of(out_dir: Path, config: str, seed: int) -> np.ndarray:
-    """The generated views (V, H, W, 3) uint8 of one configuration and seed (where `measure` wrote them)."""
-    folder = out_dir / config.replace(" ", "_") / f"seed{seed}" / "views"
-    return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("view_*.png"))])
-
-
 def test_uv_sync_cuts_disagreement(rows):
     assert rows["UV sync"]["disagreement"] < SYNC_RATIO * rows["independent"]["disagreement"], rows
     # not only on average: for every seed
@@ -140,24 +133,13 @@ def test_every_mechanism_changes_the_views(rows, out_dir, config, without):
 # (micro's second training stage read other views on open prompts, docs/micro-model.md) the six views settle on one.
 
 
-def colour_pairs(out_dir: Path, config: str, seed: int, mask: np.ndarray) -> list[frozenset]:
-    """Each view's two most frequent palette colours over its object pixels."""
-    votes = colour_votes(views_of(out_dir, config, seed).astype(np.float32) / 255.0, mask)
-    return [frozenset(np.argsort(-v, kind="stable")[:2].tolist()) for v in votes]
-
-
-def agreement(pairs: list[frozenset]) -> float:
-    """The share of views whose colour pair is the most common pair among the views."""
-    return max(pairs.count(p) for p in pairs) / len(pairs)
-
-
 def test_shared_attention_makes_views_agree_on_what_the_prompt_leaves_open(open_rows, out_dir, fixture_views):
     assert open_rows["shared attention"]["disagreement"] < OPEN_ATTENTION_RATIO * open_rows["independent"]["disagreement"]
     for shared, alone in zip(open_rows["shared attention"]["per_seed"], open_rows["independent"]["per_seed"]):
         assert shared < alone, open_rows
     mask = fixture_views.depth > 0
     for seed in SEEDS:
-        shared = agreement(colour_pairs(out_dir / "open", "shared attention", seed, mask))
-        alone = agreement(colour_pairs(out_dir / "open", "independent", seed, mask))
+        shared = colour_pair_agreement(views_of(out_dir / "open", "shared attention", seed), mask)
+        alone = colour_pair_agreement(views_of(out_dir / "open", "independent", seed), mask)
         print(f"seed {seed}: views agreeing on the colour pair: shared attention {shared:.2f}, independent {alone:.2f}")
         assert shared >= OPEN_AGREEMENT and shared > alone, (seed, shared, alone)

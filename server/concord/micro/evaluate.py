@@ -43,6 +43,7 @@ __all__ = [
     "train_pattern_classifier",
     "default_classifier",
     "colour_votes",
+    "colour_pair_agreement",
     "score",
     "evaluate",
 ]
@@ -70,6 +71,18 @@ def colour_votes(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     for i in range(n):
         votes[i] = np.bincount(nearest[i][mask[i]], minlength=k + 1)[:k]
     return votes
+
+
+def colour_pair_agreement(views: np.ndarray, mask: np.ndarray) -> float:
+    """How far views of ONE object agree on its colours: the share of views whose two most frequent palette colours
+    (over their object pixels, `colour_votes`) are the most common such pair among the views. 1 when all agree;
+    1/V when every view picked its own pair. `views` (V, H, W, 3) in [0, 1] or uint8; `mask` (V, H, W) bool."""
+    views = np.asarray(views)
+    if views.dtype == np.uint8:
+        views = views.astype(np.float32) / 255.0
+    votes = colour_votes(views.astype(np.float32), np.asarray(mask, bool))
+    pairs = [frozenset(np.argsort(-v, kind="stable")[:2].tolist()) for v in votes]
+    return max(pairs.count(p) for p in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
