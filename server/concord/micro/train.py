@@ -11,6 +11,7 @@ Objective: v-prediction (Salimans & Ho 2022, "Progressive Distillation", section
 (Nichol & Dhariwal 2021, "Improved DDPM", eq. 17), on pixel-unshuffled images (`concord.micro.model`):
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
     loss = E_{x0, eps, t ~ U{0..T-1}} || v_theta([x_t, c], t, text) - v ||^2        (mean over pixels)
+(`--edge-weight` makes the mean a weighted one, heavier on object outlines: `edge_weights`)
 with the prompt dropped (replaced by "") for 10 % of samples so classifier-free guidance works (Ho & Salimans 2022).
 UNet and text encoder train together with AdamW (Loshchilov & Hutter 2019), linear warm-up, gradient norm clipped
 at 1; an exponential moving average of the weights (Polyak averaging; diffusers' `EMAModel` with warm-up
@@ -130,7 +131,8 @@ def _step_prompts(cfg: TrainConfig, step: int, data, views: int) -> list[str]:
 def _step_timesteps(gen, n: int, views: int, shared: bool, T: int):
     """The step's timesteps (n,): one draw per image, or with `shared` one per set of `views` consecutive images
     repeated over the set, so a set trains at one noise level as the texture job samples its views (every view at
-    the same t: MVDream, Shi et al. 2023, section 3.1, trains its multi-view sets the same way)."""
+    the same t, as MVDream, Shi et al. 2023, trains its multi-view sets). Tried as micro's attempt 4: it did not
+    improve what shared attention does (docs/micro-model.md, "Training")."""
     import torch
 
     if shared and views > 1:
@@ -147,7 +149,8 @@ def edge_weights(mask: np.ndarray, weight: float) -> np.ndarray:
     object's colour one pixel into the background, which is exactly where the shipped model lost its background
     fidelity (every failing pixel was in that first background ring, most inside a 2x2 block it shares with the
     object; docs/micro-model.md). Weighting the loss per pixel is the usual remedy for thin structures (e.g. the
-    border weights of Ronneberger et al. 2015, "U-Net", eq. 2)."""
+    border weights of Ronneberger et al. 2015, "U-Net", eq. 2). Tried as micro's attempt 4 (weight 4): background
+    fidelity did not move (docs/micro-model.md, "Training")."""
     m = np.asarray(mask, bool)
     pad = np.pad(m, ((0, 0), (1, 1), (1, 1)), mode="edge")
     h, w = m.shape[1:]
