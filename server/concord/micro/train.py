@@ -145,12 +145,12 @@ def edge_weights(mask: np.ndarray, weight: float) -> np.ndarray:
     neighbourhood holds both object and background, i.e. the last object pixel and the first background pixel --
     and 1 elsewhere.
 
-    Why: the outline is ~5 % of a 64x64 picture, so a plain mean barely charges the model for painting the
-    object's colour one pixel into the background, which is exactly where the shipped model lost its background
-    fidelity (every failing pixel was in that first background ring, most inside a 2x2 block it shares with the
-    object; docs/micro-model.md). Weighting the loss per pixel is the usual remedy for thin structures (e.g. the
-    border weights of Ronneberger et al. 2015, "U-Net", eq. 2). Tried as micro's attempt 4 (weight 4): background
-    fidelity did not move (docs/micro-model.md, "Training")."""
+    Why: the outline is ~8 % of a 64x64 training picture (measured on 64 samples), so a plain mean barely charges
+    the model for painting the object's colour one pixel into the background, which is exactly where the shipped
+    model lost its background fidelity (every failing pixel was in that first background ring, most inside a 2x2
+    block it shares with the object; docs/micro-model.md). Weighting the loss per pixel is the usual remedy for thin
+    structures (e.g. the border weights of Ronneberger et al. 2015, "U-Net", eq. 2). Tried as micro's attempt 4
+    (weight 4): background fidelity did not move (docs/micro-model.md, "Training")."""
     m = np.asarray(mask, bool)
     pad = np.pad(m, ((0, 0), (1, 1), (1, 1)), mode="edge")
     h, w = m.shape[1:]
