@@ -42,7 +42,9 @@ JOB_STATUS_FIELDS = (
 )
 ERROR_FIELDS = ("error", "field", "hint")
 # `recommended` in the health answer (and in each /v1/models entry): the model's recommended settings.
-RECOMMENDED_FIELDS = ("view_size", "steps", "guidance", "texture_size", "native_size", "max_view_size")
+RECOMMENDED_FIELDS = (
+    "view_size", "steps", "guidance", "texture_size", "native_size", "max_view_size", "attention_correspondence"
+)
 # Job parameters the server fills from its model's recommended settings when a request leaves them out.
 MODEL_DEFAULT_PARAMS = {
     "depth_image": ("steps", "guidance"),

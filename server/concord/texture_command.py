@@ -59,6 +59,8 @@ def build_params(args: argparse.Namespace) -> dict:
             "uv_sync": not args.no_uv_sync,
             "uv_noise": not args.no_uv_noise,
             "loss_guidance": bool(args.loss_guidance),
+            # None: the model's recommended strength (filled by the job)
+            "attention_correspondence": args.attention_correspondence,
         },
     }
     from concord.api.schemas import TextureParams
@@ -242,6 +244,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="classifier-free guidance scale, <=1: off" + model_default)
     parser.add_argument("--grid", action="store_true", help="tile the views into one image (Zero123++ grid)")
     parser.add_argument("--no-shared-attention", action="store_true", help="views do not attend to each other")
+    parser.add_argument("--attention-correspondence", type=float, default=None, metavar="BETA",
+                        help="shared attention's bonus on other views' tokens showing the same surface point (0: plain)"
+                        + model_default)
     parser.add_argument("--no-uv-sync", action="store_true", help="do not average the views in UV space")
     parser.add_argument("--no-uv-noise", action="store_true", help="independent initial noise per view")
     parser.add_argument("--loss-guidance", action="store_true", help="SyncDiffusion guidance (slow)")
@@ -295,7 +300,8 @@ def _coverage_text(m: dict) -> str:
 
 def describe_settings(metrics: dict) -> str:
     """`view size 128 (model's), steps 20 (model's), guidance 2 (model's), texture 512 (set)` from metrics.json."""
-    labels = (("view_size", "view size"), ("steps", "steps"), ("guidance", "guidance"), ("texture_size", "texture"))
+    labels = (("view_size", "view size"), ("steps", "steps"), ("guidance", "guidance"), ("texture_size", "texture"),
+              ("consistency.attention_correspondence", "attention correspondence"))
     settings = metrics.get("settings") or {}
     parts = []
     for key, label in labels:

@@ -83,6 +83,8 @@ def test_job_with_model_defaults_uses_the_models_settings(addon, bpy_module, con
         "guidance": {"value": rec["guidance"], "source": "model"},
         "texture_size": {"value": rec["texture_size"], "source": "model"},
         "view_size": {"value": rec["view_size"], "source": "model"},
+        # the add-on never sends it: always the model's
+        "consistency.attention_correspondence": {"value": rec["attention_correspondence"], "source": "model"},
     }
     assert metrics["view_size"] == [rec["view_size"]] * 2 and metrics["texture_size"] == rec["texture_size"]
     assert "model tiny's defaults" in state.last_settings and f"{rec['view_size']} px views" in state.last_settings
@@ -109,6 +111,7 @@ def test_job_without_model_defaults_uses_the_panel(addon, bpy_module, concord_se
         "guidance": {"value": 5.0, "source": "user"},
         "texture_size": {"value": 512, "source": "user"},
         "view_size": {"value": 72, "source": "user"},
+        "consistency.attention_correspondence": {"value": 0.0, "source": "model"},  # tiny's; the panel has no such field
     }
     assert "set by hand" in state.last_settings
 

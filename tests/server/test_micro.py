@@ -436,11 +436,12 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
     _v1_test_model(tmp_path / "v1")
     common = dict(preset="test", batch=6, size=32, log_every=1, warmup_steps=2, seed=2, minutes=5, threads=0,
                   views=3, single_share=0.5, init_from=str(tmp_path / "v1"), open_share=0.5, set_timesteps="shared",
-                  edge_weight=4.0)
+                  edge_weight=4.0, correspondence=(0.0, 4.0))
     whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common), progress=False)
     assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1") and whole["open_share"] == 0.5
-    assert whole["set_timesteps"] == "shared" and whole["edge_weight"] == 4.0
+    assert whole["set_timesteps"] == "shared" and whole["edge_weight"] == 4.0 and whole["correspondence"] == [0.0, 4.0]
     assert "--open-prompts 0.5" in whole["command"] and "--set-timesteps shared --edge-weight 4" in whole["command"]
+    assert "--correspondence 0,4" in whole["command"]
     train(TrainConfig(out=str(tmp_path / "split"), steps=2, **common), progress=False)
     with pytest.raises(TrainError, match="resume with the same values"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
@@ -448,6 +449,8 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "open_share": 0.0}), progress=False)
     with pytest.raises(TrainError, match="edge_weight=4.0"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "edge_weight": 1.0}), progress=False)
+    with pytest.raises(TrainError, match="correspondence"):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "correspondence": ()}), progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
 
@@ -515,6 +518,36 @@ def test_a_view_set_trains_at_one_noise_level_when_asked():
     independent = _step_timesteps(gen(), 12, 3, False, 1000)
     assert torch.equal(independent, torch.randint(0, 1000, (12,), generator=gen()))  # the earlier runs' draw, unchanged
     assert torch.equal(_step_timesteps(gen(), 12, 1, True, 1000), independent)  # single images: one t each
+
+
+def test_view_set_steps_get_correspondence_weighting_from_the_object_coordinates():
+    """`_step_bias`: a seeded strength per multi-view step from --correspondence (0 = plain attention: None); the
+    token points of each set are its own renders' object coordinates, on every attention grid of the latent."""
+    from concord.geometry.sync import token_grid
+    from concord.micro.data import generate_view_sets
+    from concord.micro.train import TrainConfig, _parse_strengths, _step_bias
+
+    cfg = TrainConfig(out="unused", seed=5, views=3, correspondence=(0.0, 4.0))
+    data = generate_view_sets(2, 3, seed=5, index=0, height=32, width=32)
+    drawn = {}
+    for step in range(12):
+        b = _step_bias(cfg, step, data, 3, (16, 16))
+        drawn[step] = None if b is None else b.strength
+        again = _step_bias(cfg, step, data, 3, (16, 16))
+        assert (again is None) == (b is None) and (b is None or again.strength == b.strength)  # seeded per step
+    assert set(drawn.values()) == {None, 4.0}
+    step = next(k for k, v in drawn.items() if v == 4.0)
+    bias = _step_bias(cfg, step, data, 3, (16, 16))
+    assert bias.token_counts == (1, 4, 16, 64, 256)
+    pts, fg = token_grid(data.coords, data.mask, (8, 8))
+    expected = torch.as_tensor(pts.reshape(2, 3 * 64, 3))
+    assert torch.equal(bias._tensors(64, "cpu")[0], expected)  # set s's views, in the processor's token order
+    single = generate_batch(4, 5, index=0, height=32, width=32)
+    assert _step_bias(cfg, step, single, 1, (16, 16)) is None
+    assert _step_bias(TrainConfig(out="unused", views=3), step, data, 3, (16, 16)) is None
+    assert _parse_strengths("0, 4,8") == (0.0, 4.0, 8.0) and _parse_strengths("") == ()
+    with pytest.raises(Exception, match="comma-separated"):
+        _parse_strengths("strong")
 
 
 def test_edge_weights_mark_the_outline_on_both_sides_and_nothing_else():

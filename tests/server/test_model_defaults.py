@@ -26,7 +26,7 @@ from concord.api.app import ServerSettings, create_app
 from concord.cli import main as cli_main
 from concord.jobs.context import JobContext
 from concord.models import registry
-from concord.models.recommended import JOB_SETTINGS, RecommendedSettings
+from concord.models.recommended import CONSISTENCY_SETTINGS, JOB_SETTINGS, RecommendedSettings
 from concord.pipelines import texture as T
 from concord.pipelines.kinds import JOB_KINDS
 
@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BOX = ROOT / "tests" / "fixtures" / "meshes" / "boxtextured" / "BoxTextured.glb"
 
 # Distinct from every preset's values and from the old hard-coded defaults (30 steps, 7.5, 1024).
-ODD = RecommendedSettings(view_size=64, steps=3, guidance=1.5, texture_size=128, native_size=64, max_view_size=128)
+ODD = RecommendedSettings(view_size=64, steps=3, guidance=1.5, texture_size=128, native_size=64, max_view_size=128,
+                          attention_correspondence=2.5)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,11 @@ def test_protocol_mirrors_the_settings():
         for name in names:
             assert name in fields
             assert model.model_fields[name].default is None, f"{kind}.{name} must default to the model's"
+    for kind, names in CONSISTENCY_SETTINGS.items():
+        options = JOB_KINDS[kind].params_model.model_fields["consistency"].annotation
+        for name in names:
+            assert name in fields
+            assert options.model_fields[name].default is None, f"{kind}.consistency.{name} must default to the model's"
 
 
 # ----------------------------------------------------------------------------------------------- the protocol
@@ -182,8 +188,10 @@ def test_a_texture_job_with_no_sampler_settings_uses_the_models(make_app_client,
         "steps": {"value": ODD.steps, "source": "model"},
         "guidance": {"value": ODD.guidance, "source": "model"},
         "texture_size": {"value": ODD.texture_size, "source": "model"},
+        "consistency.attention_correspondence": {"value": ODD.attention_correspondence, "source": "model"},
     }
     assert m["params"]["steps"] == ODD.steps and m["texture_size"] == ODD.texture_size
+    assert m["attention_correspondence"] == ODD.attention_correspondence  # what ran
     assert m["recommended"] == dataclasses.asdict(ODD)
     from PIL import Image
 
@@ -197,6 +205,13 @@ def test_a_texture_job_with_no_sampler_settings_uses_the_models(make_app_client,
     assert m["settings"]["steps"] == {"value": 2, "source": "user"}
     assert m["settings"]["texture_size"] == {"value": 64, "source": "user"}
     assert m["settings"]["guidance"] == {"value": ODD.guidance, "source": "model"}
+
+    # a consistency option the model recommends is the user's when the request sets it
+    jid = _submit(c, "texture", {"prompt": "a crate", "steps": 1, "consistency": {"attention_correspondence": 0}}, arrays64)
+    _wait_done(c, jid)
+    m = _result_json(c, jid, "metrics.json")
+    assert m["settings"]["consistency.attention_correspondence"] == {"value": 0.0, "source": "user"}
+    assert m["attention_correspondence"] == 0.0
 
 
 def test_a_depth_image_job_with_no_sampler_settings_uses_the_models(make_app_client, odd_model):
@@ -255,6 +270,7 @@ def _check_cli_used_the_models(out: Path, rec: RecommendedSettings, stdout: str,
         "guidance": {"value": rec.guidance, "source": "model"},
         "texture_size": {"value": rec.texture_size, "source": "model"},
         "view_size": {"value": rec.view_size, "source": "model"},
+        "consistency.attention_correspondence": {"value": rec.attention_correspondence, "source": "model"},
     }
     assert m["view_size"] == [rec.view_size, rec.view_size] and m["texture_size"] == rec.texture_size
     assert f"steps {rec.steps} (model {model}'s)" in stdout and f"view size {rec.view_size} (model {model}'s)" in stdout

@@ -327,6 +327,7 @@ OPTION_RUNS = {
                  "loss_guidance_until": 0.5},
     "all": {**OFF, "shared_attention": "all"},
     "reference": {**OFF, "shared_attention": "reference", "reference_views": [0]},
+    "correspondence": {**OFF, "shared_attention": "all", "attention_correspondence": 6.0},
     "uv noise": {**OFF, "uv_noise": True},
     "loss guidance": {**OFF, "loss_guidance": True, "loss_guidance_until": 0.5},
     "uv sync": {**OFF, "uv_sync": True},
@@ -436,6 +437,33 @@ def test_shared_attention_all_couples_every_view(option_runs):
     assert {(p.num_views, p.reference_views) for p in a.processors} == {(V, None)}  # one group per guidance half
     assert all(differs(a.latents[k], off.latents[k]) for k in range(V))
     assert torch.equal(a.inputs[0], off.inputs[0])  # same start: the difference is the attention's
+
+
+def test_correspondence_weighting_biases_the_shared_attention(option_runs):
+    """attention_correspondence = 6: the same extended attention, with a CorrespondenceBias of strength 6 built for
+    every token grid the UNet can attend at (8x8 latents: 64, 16, 4, 1 tokens); the views change against plain
+    shared attention from the same start, and metrics.json says what ran."""
+    a, cor = option_runs["all"], option_runs["correspondence"]
+    assert {(p.num_views, p.reference_views) for p in cor.processors} == {(V, None)}
+    biases = {p.bias for p in cor.processors}
+    assert len(biases) == 1 and None not in biases
+    bias = biases.pop()
+    assert bias.strength == 6.0 and bias.token_counts == (1, 4, 16, 64)
+    assert {p.bias for p in a.processors} == {None}
+    assert torch.equal(cor.inputs[0], a.inputs[0])
+    assert any(differs(cor.latents[k], a.latents[k], 1e-5) for k in range(V))
+    assert cor.metrics["attention_correspondence"] == 6.0 and a.metrics["attention_correspondence"] == 0.0
+    assert cor.metrics["warnings"] == a.metrics["warnings"]
+
+
+def test_correspondence_weighting_that_cannot_run_is_reported():
+    from concord.api.schemas import ConsistencyOptions
+    from concord.pipelines.texture import correspondence_note
+
+    assert correspondence_note(ConsistencyOptions(attention_correspondence=4)) is None
+    assert correspondence_note(ConsistencyOptions()) is None
+    assert "grid" in correspondence_note(ConsistencyOptions(attention_correspondence=4, grid=True))
+    assert "'off'" in correspondence_note(ConsistencyOptions(attention_correspondence=4, shared_attention="off"))
 
 
 def test_reference_attention_shares_only_the_reference_views(option_runs):

@@ -59,6 +59,10 @@ class RecommendedSettings(_Strict):
         description="The largest view size the model is meant for: larger views run, but slowly and off its training "
         "distribution."
     )
+    attention_correspondence: float = Field(
+        default=0.0,
+        description="Strength of correspondence-weighted shared attention in `texture` jobs that leave it out (0: plain).",
+    )
 
 
 class HealthResponse(_Strict):
@@ -151,6 +155,13 @@ class ConsistencyOptions(_Strict):
         description="Indices of the reference views, each in 0..V-1 (V: views sent); at least one for 'reference'.",
     )
     attention_chunk: int | None = Field(default=None, ge=1, description="Query chunk for shared attention (memory bound).")
+    attention_correspondence: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=16.0,
+        description="Shared attention's logit bonus on other views' tokens that show the same surface point "
+        "(0: plain shared attention; not applied on a grid); omitted: the model's.",
+    )
     uv_sync: bool = Field(default=True, description="Average the views' clean-latent predictions in UV space each step.")
     sync_start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync starts (<= sync_end).")
     sync_end: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps where UV sync stops.")

@@ -46,6 +46,28 @@ score matrix ``G * heads * (V N) * (|S| N)`` elements (in the query's dtype) fit
 :data:`AUTO_CHUNK_BUDGET_BYTES` (256 MiB); otherwise the largest chunk whose scores fit that budget
 (at least 1 query token).
 
+Correspondence weighting (``bias``)
+-----------------------------------
+Plain extended attention leaves the model to find, from features alone, which tokens of another view show the
+same spot of the surface; a small model trained for minutes does not (docs/micro-model.md: it shares colours,
+not where a pattern's cells sit). The texture job knows the answer exactly (every foreground pixel's surface
+point, from the ViewSet's depth and cameras), so :class:`CorrespondenceBias` adds it to the logits::
+
+    Att(q_i, K, V) = softmax(q_i K^T / sqrt(d) + b_i) V
+    b_ij = beta * exp(-|X_i - X_j|^2 / (2 (rho s)^2))   if i and j are foreground tokens of different views
+    b_ij = 0                                            otherwise (own view, background)
+
+X: the surface point a token shows (its representative pixel's, ``concord.geometry.sync.token_grid``), s: the
+surface size of one token (median distance between neighbouring foreground tokens), rho: ``radius``. beta = 0
+is plain extended attention; a key of another view showing exactly the query's spot weighs e^beta times what
+the features alone give it. Occlusion needs no test: a point hidden in view j has no token of view j near it.
+This is a soft form of MVDiffusion's correspondence-aware attention (Tang et al., NeurIPS 2023), which restricts
+each pixel's cross-view attention to a neighbourhood of its corresponding pixels; here every key stays
+reachable and only the matches are favoured, so with beta = 0 nothing changes. A model works best with the
+strengths it was trained with (``concord train-micro --correspondence``). The logits of a block of queries are
+computed per call from the token points (``(rows, |S| N)``, the size of the score block itself), so the memory
+bound below holds with the bias on.
+
 What it must never do: import bpy, touch the network or the file system, keep per-call state (one processor
 instance is shared by every layer it is installed on), or attend across guidance groups.
 """
@@ -60,6 +82,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "AUTO_CHUNK_BUDGET_BYTES",
+    "CorrespondenceBias",
+    "attention_grids",
+    "token_footprint",
     "ExtendedSelfAttnProcessor",
     "extended_attention",
     "install_extended_attention",
@@ -67,8 +92,108 @@ __all__ = [
     "self_attention_keys",
 ]
 
+#: A block of correspondence logits up to this size is kept for the next layer that asks for the same block.
+_BIAS_MEMO_BYTES = 64 * 1024 * 1024
+
 #: Bytes of attention scores (per chunk) above which ``chunk_size=None`` splits the queries.
 AUTO_CHUNK_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+class CorrespondenceBias:
+    """Additive attention logits that make a view's tokens look at the tokens of the other views showing the same
+    spot of the surface: correspondence-weighted extended attention (module docstring, "Correspondence weighting").
+
+    ``levels``: one ``(points, foreground)`` per attention level (token grid) the denoiser may run at: points
+    (V, th, tw, 3) -- or (G, V, th, tw, 3), one geometry per group of views (training batches several objects) --
+    the surface point each token shows, and foreground (V, th, tw) / (G, V, th, tw) whether it shows the object
+    (``concord.geometry.sync.token_surface_points`` makes them from a ViewSet). ``strength``: beta, the logit
+    bonus of an exact match (0: plain extended attention). ``radius``: the match's length scale in token
+    footprints; a group's footprint is the median distance between neighbouring foreground tokens of one view.
+    Tensors are made once per (level, device) and kept; the logits of a block of queries are computed when
+    asked, so memory stays that of the score block."""
+
+    def __init__(self, levels, strength: float, radius: float = 1.0):
+        if not (strength >= 0.0) or not (radius > 0.0):
+            raise ValueError(f"correspondence strength must be >= 0 and radius > 0, got {strength!r}, {radius!r}")
+        self.strength = float(strength)
+        self.radius = float(radius)
+        self._levels: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for points, fg in levels:
+            pts = torch.as_tensor(points, dtype=torch.float32)
+            mask = torch.as_tensor(fg, dtype=torch.bool)
+            if pts.ndim == 4:
+                pts, mask = pts[None], mask[None]
+            if pts.ndim != 5 or pts.shape[-1] != 3 or tuple(mask.shape) != tuple(pts.shape[:-1]):
+                raise ValueError("a level's points must be (V, th, tw, 3) or (G, V, th, tw, 3), foreground the same "
+                                 f"without the last axis; got {tuple(pts.shape)} and {tuple(mask.shape)}")
+            g, v, th, tw, _ = pts.shape
+            scale = 1.0 / (2.0 * (self.radius * token_footprint(pts, mask)) ** 2)  # (G,); 0 where unknown
+            self._levels[th * tw] = (pts.reshape(g, v * th * tw, 3), mask.reshape(g, v * th * tw), scale)
+        self._cache: dict = {}
+        self._last = None  # (key, logits) of the last block asked for, when small (_BIAS_MEMO_BYTES)
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        """The tokens-per-view counts this bias knows (one per attention level)."""
+        return tuple(sorted(self._levels))
+
+    def _tensors(self, tokens: int, device):
+        key = (tokens, str(device))
+        if key not in self._cache:
+            if tokens not in self._levels:
+                raise ValueError(
+                    f"correspondence-weighted attention has no token grid with {tokens} tokens per view "
+                    f"(it knows {self.token_counts}); build it for the latent size the sampler runs at"
+                )
+            pts, fg, scale = self._levels[tokens]
+            view = torch.arange(pts.shape[1] // tokens).repeat_interleave(tokens)
+            self._cache[key] = (pts.to(device), fg.to(device), view.to(device), scale.to(device))
+        return self._cache[key]
+
+    def logits(self, tokens: int, refs, start: int, stop: int, device, dtype) -> torch.Tensor:
+        """(G, stop - start, |S| * N) logits (G = 1 when every group has the same geometry) for the view-major
+        queries ``start:stop`` of a group against the keys of the views ``refs`` (None: all)."""
+        memo = (tokens, None if refs is None else tuple(refs), start, stop, str(device), dtype)
+        if self._last is not None and self._last[0] == memo:  # every layer of a level asks for the same block
+            return self._last[1]
+        pts, fg, view, scale = self._tensors(tokens, device)
+        if refs is None:
+            keys = slice(None)
+        else:
+            keys = torch.cat([torch.arange(r * tokens, (r + 1) * tokens, device=device) for r in refs])
+        q_pts, k_pts = pts[:, start:stop], pts[:, keys]
+        d2 = torch.cdist(q_pts, k_pts).square()
+        b = self.strength * torch.exp(-d2 * scale[:, None, None])
+        keep = fg[:, start:stop, None] & fg[:, keys][:, None, :] & (scale > 0)[:, None, None]
+        keep = keep & (view[start:stop, None] != view[keys][None, :])[None]
+        out = torch.where(keep, b, torch.zeros((), device=device)).to(dtype)
+        small = out.numel() * out.element_size() <= _BIAS_MEMO_BYTES
+        self._last = (memo, out) if small else None
+        return out
+
+
+def attention_grids(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """The token grids a UNet's attention levels can run at: the latent (h, w), halved while both divide evenly
+    (the levels a :class:`CorrespondenceBias` is built for)."""
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    grids = [(h, w)]
+    while h % 2 == 0 and w % 2 == 0:
+        h, w = h // 2, w // 2
+        grids.append((h, w))
+    return grids
+
+
+def token_footprint(points: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """(G,) the median distance between horizontally or vertically neighbouring foreground tokens of one view, per
+    group of (G, V, th, tw, 3) points: the surface size of one token. inf where a group has no such pair (its
+    matches then get no bonus)."""
+    out = []
+    for p, m in zip(points, fg):
+        dx = (p[:, :, 1:] - p[:, :, :-1]).norm(dim=-1)[m[:, :, 1:] & m[:, :, :-1]]
+        dy = (p[:, 1:] - p[:, :-1]).norm(dim=-1)[m[:, 1:] & m[:, :-1]]
+        d = torch.cat([dx, dy])
+        out.append(d.median() if d.numel() else torch.tensor(float("inf")))
+    return torch.stack(out).float()
 
 
 class ExtendedSelfAttnProcessor:
@@ -78,6 +203,7 @@ class ExtendedSelfAttnProcessor:
     ``num_views``: V, views per group; the batch must be a multiple of it.
     ``reference_views``: S as view indices in ``0..V-1`` (None: all views). Order is kept, duplicates dropped.
     ``chunk_size``: query tokens per attention call (None: automatic, see the module docstring).
+    ``bias``: a :class:`CorrespondenceBias` added to the logits (None: plain extended attention).
     """
 
     def __init__(
@@ -85,7 +211,9 @@ class ExtendedSelfAttnProcessor:
         num_views: int,
         reference_views: Sequence[int] | None = None,
         chunk_size: int | None = None,
+        bias: "CorrespondenceBias | None" = None,
     ):
+        self.bias = bias
         if int(num_views) != num_views or num_views < 1:
             raise ValueError(f"num_views must be a positive whole number, got {num_views!r}")
         self.num_views = int(num_views)
@@ -111,7 +239,7 @@ class ExtendedSelfAttnProcessor:
     def __repr__(self) -> str:
         return (
             f"ExtendedSelfAttnProcessor(num_views={self.num_views}, reference_views={self.reference_views}, "
-            f"chunk_size={self.chunk_size})"
+            f"chunk_size={self.chunk_size}, bias={'on' if self.bias is not None else 'off'})"
         )
 
     # ------------------------------------------------------------------------------------------------------
@@ -130,6 +258,8 @@ class ExtendedSelfAttnProcessor:
             return min(self.chunk_size, n_queries)
         elem = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
         per_query = groups * heads * n_keys * elem
+        if self.bias is not None:  # the bias block (rows x keys, shared by groups and heads) and its temporaries
+            per_query += 3 * n_keys * elem
         if per_query * n_queries <= AUTO_CHUNK_BUDGET_BYTES:
             return n_queries
         return max(1, AUTO_CHUNK_BUDGET_BYTES // per_query)
@@ -208,17 +338,26 @@ class ExtendedSelfAttnProcessor:
 
         n_q = v_views * tokens
         chunk = self._query_chunk(groups, heads, n_q, n_ref * tokens, q.dtype)
+
+        def block_mask(start: int, stop: int):
+            m = None
+            if mask is not None:
+                m = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+            if self.bias is not None:
+                b = self.bias.logits(tokens, refs, start, stop, q.device, q.dtype)[:, None]  # (G or 1, 1, rows, keys)
+                if m is not None and m.dtype == torch.bool:
+                    m = torch.where(m, 0.0, float("-inf")).to(q.dtype)
+                m = b if m is None else m + b
+            return m
+
         if chunk >= n_q:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask(0, n_q), dropout_p=0.0, is_causal=False)
         else:
             out = torch.empty_like(q)
             for start in range(0, n_q, chunk):
                 stop = min(start + chunk, n_q)
-                m = None
-                if mask is not None:
-                    m = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
                 out[:, :, start:stop] = F.scaled_dot_product_attention(
-                    q[:, :, start:stop], k, v, attn_mask=m, dropout_p=0.0, is_causal=False
+                    q[:, :, start:stop], k, v, attn_mask=block_mask(start, stop), dropout_p=0.0, is_causal=False
                 )
 
         # (G, h, V*N, d) -> (B, N, h*d), back in batch order.
@@ -304,6 +443,7 @@ def install_extended_attention(
     num_views: int,
     reference_views: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    bias: CorrespondenceBias | None = None,
 ) -> dict:
     """Put an :class:`ExtendedSelfAttnProcessor` on every ``attn1`` layer of a diffusers UNet2DConditionModel
     or ControlNetModel (any model with ``attn_processors`` / ``set_attn_processor``); every other layer keeps
@@ -312,7 +452,7 @@ def install_extended_attention(
     keys = self_attention_keys(model)
     if not keys:
         raise ValueError(f"{type(model).__name__} has no self-attention (attn1) layers to extend")
-    processor = ExtendedSelfAttnProcessor(num_views, reference_views, chunk_size)
+    processor = ExtendedSelfAttnProcessor(num_views, reference_views, chunk_size, bias)
     new = dict(previous)
     for k in keys:
         new[k] = processor
@@ -331,6 +471,7 @@ def extended_attention(
     num_views: int,
     reference_views: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    bias: CorrespondenceBias | None = None,
 ) -> Iterator[None]:
     """Extended self-attention on every model of ``models`` (UNet, ControlNet(s); ``None`` entries are skipped)
     inside the ``with`` block; the previous processors come back on exit, also after an exception."""
@@ -339,7 +480,7 @@ def extended_attention(
         for m in models:
             if m is None:
                 continue
-            installed.append((m, install_extended_attention(m, num_views, reference_views, chunk_size)))
+            installed.append((m, install_extended_attention(m, num_views, reference_views, chunk_size, bias)))
         yield
     finally:
         for m, prev in reversed(installed):

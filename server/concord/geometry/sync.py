@@ -66,6 +66,8 @@ __all__ = [
     "footprint_texture_size",
     "latent_blocks",
     "latent_foreground",
+    "token_grid",
+    "token_surface_points",
     "SEAM_UV_JUMP",
     "MIN_TEXTURE_SIZE",
     "MAX_TEXTURE_SIZE",
@@ -148,10 +150,7 @@ def downsample_viewset(viewset: ViewSet, latent_hw: tuple[int, int]) -> ViewSet:
 
     mblk = blocks(mask)
     fg = latent_foreground(mask, (h, w))
-    # Representative: the foreground pixel nearest the block centre (ties: row-major order).
-    oy, ox = np.meshgrid(np.arange(fy) + 0.5 - fy / 2.0, np.arange(fx) + 0.5 - fx / 2.0, indexing="ij")
-    order = np.argsort((oy**2 + ox**2).ravel(), kind="stable")
-    rep = order[np.argmax(mblk[..., order], axis=-1)]  # (V, h, w) slot index
+    rep = _representative_slot(mask, (h, w))  # (V, h, w) slot index
 
     def pick(a: np.ndarray) -> np.ndarray:
         b = blocks(a)
@@ -187,6 +186,44 @@ def downsample_viewset(viewset: ViewSet, latent_hw: tuple[int, int]) -> ViewSet:
         intrinsics=K,
         world_to_camera=np.asarray(viewset.world_to_camera, np.float32).copy(),
     )
+
+
+def token_grid(points: np.ndarray, mask: np.ndarray, token_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel surface points (V, H, W, 3) and foreground (V, H, W) -> the points of a coarser (th, tw) token grid:
+    a token is foreground by the strict-majority rule of :func:`latent_foreground`, and shows the point of its
+    representative pixel (the foreground pixel nearest the block centre, as in :func:`downsample_viewset`), so a
+    token at a depth edge takes one real surface point, never an average of two surfaces. Background: 0."""
+    mask = np.asarray(mask, dtype=bool)
+    fg = latent_foreground(mask, token_hw)
+    rep = _representative_slot(mask, token_hw)
+    b = latent_blocks(np.asarray(points, np.float32), token_hw)  # (V, th, tw, f2, 3)
+    picked = np.take_along_axis(b, rep[..., None, None], axis=3)[:, :, :, 0]
+    return np.where(fg[..., None], picked, 0.0).astype(np.float32), fg
+
+
+def token_surface_points(viewset: ViewSet, token_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The world point each token of a (th, tw) grid over the views shows (:func:`token_grid` of the ViewSet
+    contract's per-pixel points ``X = C + z R^T K^-1 (c + 0.5, r + 0.5, 1)``): what correspondence-weighted
+    shared attention (``concord.attention.extended.CorrespondenceBias``) uses to find the tokens of two views
+    that see the same spot. Returns (points (V, th, tw, 3) float32, foreground (V, th, tw) bool)."""
+    from .render import pixel_rays
+
+    v, hh, ww = viewset.depth.shape
+    pts = np.zeros((v, hh, ww, 3), np.float32)
+    for k in range(v):
+        origin, dirs = pixel_rays(viewset.intrinsics[k], viewset.world_to_camera[k], ww, hh)
+        pts[k] = (origin[None, :] + viewset.depth[k].reshape(-1, 1).astype(np.float64) * dirs).reshape(hh, ww, 3)
+    return token_grid(pts, np.asarray(viewset.mask, bool) & (viewset.depth > 0), token_hw)
+
+
+def _representative_slot(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """(V, h, w): the slot (row-major in the block) of each block's foreground pixel nearest the block centre (ties:
+    row-major order; a block with no foreground pixel: the centre-most slot)."""
+    mblk = latent_blocks(np.asarray(mask, dtype=bool), latent_hw)
+    fy, fx = _block_factors(mask.shape[1:3], latent_hw)
+    oy, ox = np.meshgrid(np.arange(fy) + 0.5 - fy / 2.0, np.arange(fx) + 0.5 - fx / 2.0, indexing="ij")
+    order = np.argsort((oy**2 + ox**2).ravel(), kind="stable")
+    return order[np.argmax(mblk[..., order], axis=-1)]
 
 
 @dataclass(eq=False)

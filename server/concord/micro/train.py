@@ -81,6 +81,8 @@ class TrainConfig:
     open_share: float = 0.0  # the share of objects whose prompt leaves the colours open (`data.open_prompt`)
     set_timesteps: str = "independent"  # multi-view sets: "independent" (a t per view) or "shared" (one t per set)
     edge_weight: float = 1.0  # loss weight of pixels on the object's outline (`edge_weights`); 1 = plain mean
+    # multi-view steps: correspondence-weighted attention strengths, one drawn per step (`_step_bias`); () = plain
+    correspondence: tuple[float, ...] = ()
 
 
 class TrainError(ValueError):
@@ -138,6 +140,29 @@ def _step_timesteps(gen, n: int, views: int, shared: bool, T: int):
     if shared and views > 1:
         return torch.randint(0, T, (n // views,), generator=gen).repeat_interleave(views)
     return torch.randint(0, T, (n,), generator=gen)
+
+
+def _step_bias(cfg: TrainConfig, step: int, data, views: int, latent_hw: tuple[int, int]):
+    """The step's correspondence-weighted attention (``concord.attention.extended.CorrespondenceBias``) or None:
+    with ``cfg.correspondence`` set, a multi-view step draws one strength from it (seeded by the step, exact on
+    resume; 0 = plain extended attention). The tokens' surface points are the renders' object coordinates (the
+    views of a set share the object, so its coordinates are the set's common frame), on the token grid of every
+    attention level, per set."""
+    if views == 1 or not cfg.correspondence:
+        return None
+    from concord.attention.extended import CorrespondenceBias, attention_grids
+    from concord.geometry.sync import token_grid
+
+    rng = np.random.default_rng(_step_seed(cfg.seed, step, 5))
+    beta = float(cfg.correspondence[int(rng.integers(len(cfg.correspondence)))])
+    if beta == 0.0:
+        return None
+    sets = len(data.prompts) // views
+    levels = []
+    for hw in attention_grids(latent_hw):
+        pts, fg = token_grid(data.coords, data.mask, hw)
+        levels.append((pts.reshape(sets, views, *hw, 3), fg.reshape(sets, views, *hw)))
+    return CorrespondenceBias(levels, beta)
 
 
 def edge_weights(mask: np.ndarray, weight: float) -> np.ndarray:
@@ -282,7 +307,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         same = ("preset", "seed", "views", "single_share", "init_from", "train_only", "open_share", "set_timesteps",
-                "edge_weight")
+                "edge_weight", "correspondence")
         if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
             written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
@@ -357,6 +382,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "warmup_steps": cfg.warmup_steps,
             "set_timesteps": cfg.set_timesteps,
             "edge_weight": cfg.edge_weight,
+            "correspondence": list(cfg.correspondence),
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
             + (f" --preset {cfg.preset}" if cfg.preset != "micro" else "")
             + (f" --batch {cfg.batch}" if cfg.batch else "")
@@ -368,6 +394,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             + (f" --open-prompts {cfg.open_share:g}" if cfg.open_share else "")
             + (f" --set-timesteps {cfg.set_timesteps}" if cfg.set_timesteps != "independent" else "")
             + (f" --edge-weight {cfg.edge_weight:g}" if cfg.edge_weight != 1.0 else "")
+            + (" --correspondence " + ",".join(f"{b:g}" for b in cfg.correspondence) if cfg.correspondence else "")
             + (f" --lr {cfg.lr:g}" if cfg.lr != 1e-3 else ""),
         }
         (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -420,7 +447,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             v = abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
             ids = tokenize(tokenizer, prompts).to(device)
             emb = text_encoder(ids)[0]
-            with extended_attention([unet] if views > 1 else [], views):
+            bias = _step_bias(cfg, step, data, views, tuple(x_t.shape[-2:]))
+            with extended_attention([unet] if views > 1 else [], views, bias=bias):
                 pred = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
             if cfg.edge_weight == 1.0:
                 loss = torch.nn.functional.mse_loss(pred.float(), v)
@@ -493,7 +521,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default independent)")
     parser.add_argument("--edge-weight", type=float, default=1.0, help="loss weight of the pixels on each object's "
                         "outline (default 1: a plain mean)")
+    parser.add_argument("--correspondence", default="", help="multi-view steps: comma-separated strengths of "
+                        "correspondence-weighted shared attention, one drawn per step, e.g. 0,4,8 (default: plain "
+                        "extended attention)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_strengths(text: str) -> tuple[float, ...]:
+    """"0,4,8" -> (0.0, 4.0, 8.0); "" -> (). TrainError on anything else."""
+    if not text.strip():
+        return ()
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise TrainError(f"--correspondence takes comma-separated numbers, e.g. 0,4,8; got {text!r}") from None
+    if any(not (v >= 0.0) for v in vals):
+        raise TrainError(f"--correspondence strengths must be >= 0; got {text!r}")
+    return vals
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -526,6 +570,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         open_share=args.open_prompts,
         set_timesteps=args.set_timesteps,
         edge_weight=args.edge_weight,
+        correspondence=_parse_strengths(args.correspondence),
     )
     try:
         summary = train(cfg, progress=not args.no_progress)

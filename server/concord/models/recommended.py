@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["RecommendedSettings", "JOB_SETTINGS", "resolve_job_settings", "view_size_note"]
+__all__ = ["RecommendedSettings", "JOB_SETTINGS", "CONSISTENCY_SETTINGS", "resolve_job_settings", "view_size_note"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class RecommendedSettings:
     native_size: the image size the model was trained at (its UNet's sample size in pixels).
     max_view_size: the largest view size it is meant for; larger views still run, but slowly and off the model's
         training distribution (clients warn).
+    attention_correspondence: the strength of correspondence-weighted shared attention for `texture` jobs
+        (`concord.attention.extended.CorrespondenceBias`): what the model was trained with and measured best at;
+        0 (plain shared attention) for models never trained or measured with it.
     """
 
     view_size: int
@@ -36,6 +39,7 @@ class RecommendedSettings:
     texture_size: int
     native_size: int
     max_view_size: int
+    attention_correspondence: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,13 +58,16 @@ JOB_SETTINGS: dict[str, tuple[str, ...]] = {
     "texture": ("steps", "guidance", "texture_size"),
     "stylize": ("steps", "guidance"),
 }
+# The same for settings inside a job's `consistency` options (a client that never sends them gets the model's).
+CONSISTENCY_SETTINGS: dict[str, tuple[str, ...]] = {"texture": ("attention_correspondence",)}
 
 
 def resolve_job_settings(params, recommended: RecommendedSettings, kind: str):
     """(params with every omitted setting filled from `recommended`, {name: {"value", "source"}}).
 
     `params` is a job's pydantic params model; a setting the request carried keeps its value (source "user"), one
-    it left out (None) takes the model's (source "model"). The returned params are a copy; `params` is unchanged."""
+    it left out (None) takes the model's (source "model"); so do the `consistency` options in CONSISTENCY_SETTINGS
+    (named "consistency.NAME" in the dict). The returned params are a copy; `params` is unchanged."""
     update, used = {}, {}
     for name in JOB_SETTINGS[kind]:
         value = getattr(params, name)
@@ -70,6 +77,16 @@ def resolve_job_settings(params, recommended: RecommendedSettings, kind: str):
             used[name] = {"value": value, "source": "model"}
         else:
             used[name] = {"value": value, "source": "user"}
+    nested = {}
+    for name in CONSISTENCY_SETTINGS.get(kind, ()):  # reported as "consistency.NAME"
+        value = getattr(params.consistency, name)
+        source = "user"
+        if value is None:
+            value, source = getattr(recommended, name), "model"
+            nested[name] = value
+        used[f"consistency.{name}"] = {"value": value, "source": source}
+    if nested:
+        update["consistency"] = params.consistency.model_copy(update=nested)
     return (params.model_copy(update=update) if update else params), used
 
 

@@ -290,6 +290,27 @@ def state_control(den, control, n_state: int, latent_hw: tuple[int, int]):
     return den.prepare_control(control, latent_hw)
 
 
+def correspondence_note(c) -> str | None:
+    """A warning when correspondence weighting was asked for but cannot run (grid stacking, shared attention off)."""
+    if not c.attention_correspondence:  # 0, or None before the model's default is filled in
+        return None
+    if c.shared_attention == "off":
+        return "attention_correspondence has no effect with shared_attention 'off'"
+    if c.grid:
+        return ("attention_correspondence is not applied on a grid: the grid's views are cells of one canvas; "
+                "turn the grid off to weight shared attention by correspondences")
+    return None
+
+
+def correspondence_bias(viewset, latent_hw: tuple[int, int], strength: float):
+    """The :class:`concord.attention.extended.CorrespondenceBias` of a job: token surface points for every
+    attention level the denoiser can have (the latent grid, halved while it divides evenly)."""
+    from concord.attention.extended import CorrespondenceBias, attention_grids
+    from concord.geometry.sync import token_surface_points
+
+    return CorrespondenceBias([token_surface_points(viewset, hw) for hw in attention_grids(latent_hw)], strength)
+
+
 def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) picture, row-major, black where no image."""
     t = tile_views(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), rows, cols, fill=0)
@@ -339,6 +360,7 @@ def run(
     # Settings the request left out (None) are the model's recommended ones; metrics.json says which were which.
     setup = prepare_job(model, params, "texture", W, H, "arrays.depth", parts)
     parts, params, settings, recommended = setup.parts, setup.params, setup.settings, setup.recommended
+    c = params.consistency  # with the model's attention_correspondence when the request left it out
     h, w = setup.latent_hw
     note = view_size_note(getattr(model, "name", parts.kind), max(W, H), recommended)
     den, codec, device = parts.denoiser, parts.codec, parts.device
@@ -395,11 +417,17 @@ def run(
     def decode(latents):
         return codec.decode(latents)
 
+    correspondence_applied = 0.0  # the correspondence weighting that ran (metrics.json)
     if c.shared_attention != "off":
         from concord.attention.extended import extended_attention
 
         refs = None if c.shared_attention == "all" else list(c.reference_views)
-        attention = extended_attention(den.modules, 1 if grid else n_state, reference_views=refs, chunk_size=c.attention_chunk)
+        bias = None
+        if c.attention_correspondence > 0 and not grid:
+            bias = correspondence_bias(vs, (h, w), c.attention_correspondence)
+            correspondence_applied = c.attention_correspondence
+        attention = extended_attention(den.modules, 1 if grid else n_state, reference_views=refs,
+                                       chunk_size=c.attention_chunk, bias=bias)
     else:
         attention = contextlib.nullcontext()
 
@@ -498,6 +526,7 @@ def run(
         "cross_view_disagreement": disagreement.as_dict(),
         "latent_disagreement_through_sync_index": latent_disagreement,
         "grid": [rows, cols] if grid else None,
+        "attention_correspondence": correspondence_applied,  # 0 when shared attention was plain, off or on a grid
         "synced_steps": synced_steps,  # steps whose x0 UV sync averaged
         "loss_guided_steps": lg_steps,  # steps that ran loss guidance (0 when it was off or had nothing to move)
         "scheduler": type(sched).__name__,
@@ -506,7 +535,7 @@ def run(
         "params": params.model_dump(mode="json"),
         "settings": settings,  # {steps, guidance, texture_size: {value, source: "user" | "model"}}
         "recommended": recommended.as_dict(),
-        "warnings": [note] if note else [],
+        "warnings": [n for n in (note, correspondence_note(c)) if n],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
