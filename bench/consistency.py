@@ -1,6 +1,6 @@
 """Consistency measured on the shipped `micro` model: cross-view disagreement of six generated views of a
-fixture mesh for independent generation, shared attention alone, UV sync alone, both, all (with UV noise), and
-grid stacking alone (`concord.consistency_eval.CONFIGS`).
+fixture mesh for independent generation, shared attention alone (plain, and correspondence-weighted), UV sync alone,
+both, all (with UV noise), and grid stacking alone (`concord.consistency_eval.CONFIGS`).
 
     .venv/bin/python bench/consistency.py [--model micro] [--seeds 3] [--steps 20] [--size 64] [--procedural] [--open]
 
@@ -79,7 +79,7 @@ def main() -> None:
     for prompt, suffix in prompts(PROMPT):
         rows += measured(MESH.name, views, prompt, suffix)
     if args.procedural:
-        pick = {k: CONFIGS[k] for k in ("independent", "shared attention", "grid", "all")}
+        pick = {k: CONFIGS[k] for k in ("independent", "shared attention", "correspondence", "grid", "all")}
         for name, _build, full in PROCEDURAL_OBJECTS:
             mesh_views = render_fixture_views(procedural_mesh_file(name, out), args.size, unwrap=True)
             for prompt, suffix in prompts(full):
@@ -89,12 +89,12 @@ def main() -> None:
            ["mesh", "prompt", "config", "disagreement", "ratio_to_independent", "per_seed", "colour_agreement", "coverage",
             "seconds"])
     # Pictures, the same seed: independent (left) vs all mechanisms (right); with --open, the open prompt's
-    # independent views vs shared attention alone.
+    # independent views vs (correspondence-weighted) shared attention alone.
     side_by_side(out, ("independent", "all"), "consistency.png",
                  "left: independent, right: shared attention + UV sync + UV noise")
     if args.open:
-        side_by_side(out / "open", ("independent", "shared_attention"), "consistency-open.png",
-                     f"{open_form(PROMPT)!r}; left: independent, right: shared attention alone")
+        side_by_side(out / "open", ("independent", "correspondence"), "consistency-open.png",
+                     f"{open_form(PROMPT)!r}; left: independent, right: correspondence-weighted shared attention alone")
 
 
 def side_by_side(folder: Path, configs: tuple[str, str], name: str, caption: str) -> None:

@@ -4,10 +4,12 @@ MATH.md section 6's cross-view disagreement (each view baked alone into UV; over
 views, the mean absolute difference between views, sRGB 0..1) of the final generated views, for:
 
   independent        every view generated on its own (no shared attention, no UV sync, iid noise)
-  shared attention   extended self-attention across all views only
+  shared attention   extended self-attention across all views only (plain: no correspondence weighting)
+  correspondence     shared attention with correspondence weighting (attention_correspondence = CORRESPONDENCE)
   UV sync            UV-space synchronisation of the predicted clean latents only
   both               shared attention + UV sync
   all                both + UV-space initial noise
+  (both and all run shared attention as the model recommends it: with its correspondence strength)
   grid               grid stacking (Zero123++; every view a cell of one canvas, ordinary self-attention over it) only
 
 Used by `bench/consistency.py` (a table and JSON) and the consistency tests (bounds on the ratios). Runs the
@@ -23,9 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+#: The correspondence-weighting strength (beta) the "correspondence" row runs at: the strongest micro was trained
+#: with (``concord train-micro --correspondence 0,4,8``).
+CORRESPONDENCE = 8.0
+
 CONFIGS: dict[str, dict] = {
     "independent": {"shared_attention": "off", "uv_sync": False, "uv_noise": False},
-    "shared attention": {"shared_attention": "all", "uv_sync": False, "uv_noise": False},
+    "shared attention": {"shared_attention": "all", "uv_sync": False, "uv_noise": False, "attention_correspondence": 0.0},
+    "correspondence": {"shared_attention": "all", "uv_sync": False, "uv_noise": False,
+                       "attention_correspondence": CORRESPONDENCE},
     "UV sync": {"shared_attention": "off", "uv_sync": True, "uv_noise": False},
     "both": {"shared_attention": "all", "uv_sync": True, "uv_noise": False},
     "all": {"shared_attention": "all", "uv_sync": True, "uv_noise": True},

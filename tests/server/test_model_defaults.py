@@ -135,6 +135,16 @@ def test_micro_recommends_what_its_quality_was_measured_at():
     assert {(r["steps"], r["guidance"]) for r in colour} == {(rec.steps, rec.guidance)}
 
 
+def test_micro_recommends_a_correspondence_strength_it_was_trained_with():
+    """Correspondence-weighted attention works at the strengths a model learned to read (docs/texturing.md): micro's
+    recommended strength is one its last training stage drew (training.json beside the weights), and a model
+    trained without it recommends 0."""
+    training = json.loads((registry._shipped_weights("micro") / "training.json").read_text())
+    rec = registry.PRESETS["micro"].recommended.attention_correspondence
+    assert rec in training["stages"][-1].get("correspondence", [0.0])
+    assert registry.PRESETS["tiny"].recommended.attention_correspondence == 0.0
+
+
 def test_folders_and_single_files_get_their_kinds_settings(tmp_path, tiny_model):
     tiny_model.pipe.save_pretrained(tmp_path / "sd-like")
     assert registry.recommended_for(str(tmp_path / "sd-like")) == registry.KIND_RECOMMENDED["controlnet"]

@@ -65,7 +65,8 @@ class Preset:
 # 1.5 and 2 were trained at 512 px and duplicate their subject well above it; 30 DDIM steps and guidance 7.5 are
 # their usual settings. SDXL: 1024 px, guidance 5 (diffusers' SDXL default). micro: docs/micro-model.md (trained at
 # 64 px; guidance 2 measured best, colour accuracy falls to 0.40 at 6; 20 steps; 128 px views keep six views'
-# joint attention cheap and give the texture twice the texels of 64 px views).
+# joint attention cheap and give the texture twice the texels of 64 px views; correspondence-weighted attention at
+# 8, the strongest it was trained with, which cuts cross-view disagreement most).
 KIND_RECOMMENDED: dict[str, RecommendedSettings] = {
     "controlnet": RecommendedSettings(
         view_size=512, steps=30, guidance=7.5, texture_size=1024, native_size=512, max_view_size=768
@@ -77,7 +78,8 @@ KIND_RECOMMENDED: dict[str, RecommendedSettings] = {
         view_size=1024, steps=30, guidance=5.0, texture_size=2048, native_size=1024, max_view_size=1024
     ),
     "micro": RecommendedSettings(
-        view_size=128, steps=20, guidance=2.0, texture_size=512, native_size=64, max_view_size=256
+        view_size=128, steps=20, guidance=2.0, texture_size=512, native_size=64, max_view_size=256,
+        attention_correspondence=8.0,
     ),
 }
 
