@@ -197,10 +197,12 @@ def run_texture(model, views, out: Path, guidance: float = 2.0, **kw):
 
 @pytest.mark.skipif(not has_micro, reason="the micro weights are not installed")
 def test_micro_clip_sample_is_in_force_in_texture_jobs(views, tmp_path):
-    """micro's scheduler config sets clip_sample (range 1): every x0 its texture job hands the scheduler is within
-    [-1, 1]; with clip_sample switched off in the same config, the x0s leave that range (so the clip acts).
-    Guidance 8 extrapolates the prediction far enough that any trained model's x0 leaves [-1, 1] somewhere (at
-    micro's guidance 2 whether it does depends on the weights: the shipped ones stay at 0.90)."""
+    """micro's scheduler config sets clip_sample: its texture job builds the scheduler from that config and every
+    x0 the scheduler steps with is within the clip range. That the clip acts is checked by an equality the
+    scheduler guarantees, whatever the weights: the first step sees the same latents and the same model output
+    with and without clipping, so its clipped x0 is exactly the unclipped one clamped to the range. A range of 0.5
+    makes the clamp bite (a trained model's x0 reaches the white background's latent values near 1; whether it
+    passes 1 itself depends on the weights: the shipped ones stay under it at guidance 8)."""
     from concord.micro.model import micro_parts
     from concord.models.registry import load_model
 
@@ -209,15 +211,23 @@ def test_micro_clip_sample_is_in_force_in_texture_jobs(views, tmp_path):
     Rec = RecordingDDIM.make()
     m = run_texture(model, views, tmp_path / "on", guidance=8.0, scheduler=Rec)
     assert m["scheduler"] == "Rec" and Rec.configs[-1].clip_sample and len(Rec.x0s) == 3
-    assert max(float(x.abs().max()) for x in Rec.x0s) <= 1.0
-    Rec.x0s.clear()
-    parts = micro_parts(model.pipe)
-    parts.scheduler_config = {**parts.scheduler_config, "clip_sample": False}
-    run_texture(model, views, tmp_path / "off", guidance=8.0, scheduler=Rec, parts=parts)
-    assert not Rec.configs[-1].clip_sample
-    unclipped = max(float(x.abs().max()) for x in Rec.x0s)
-    print(f"micro texture job, max |x0| without clip_sample: {unclipped:.2f}")
-    assert unclipped > 1.0
+    limit = float(Rec.configs[-1].clip_sample_range)
+    assert max(float(x.abs().max()) for x in Rec.x0s) <= limit
+
+    def first_x0(**config):
+        Rec.x0s.clear()
+        parts = micro_parts(model.pipe)
+        parts.scheduler_config = {**parts.scheduler_config, **config}
+        run_texture(model, views, tmp_path / str(len(Rec.configs)), guidance=8.0, scheduler=Rec, parts=parts)
+        assert all(Rec.configs[-1][k] == v for k, v in config.items())
+        return [x.clone() for x in Rec.x0s]
+
+    unclipped = first_x0(clip_sample=False)
+    clipped = first_x0(clip_sample=True, clip_sample_range=0.5)
+    print(f"micro texture job, first step max |x0| without clip_sample: {float(unclipped[0].abs().max()):.2f}")
+    assert float(unclipped[0].abs().max()) > 0.5
+    assert torch.allclose(clipped[0], unclipped[0].clamp(-0.5, 0.5), atol=1e-6)
+    assert max(float(x.abs().max()) for x in clipped) <= 0.5
 
 
 def test_texture_job_runs_on_another_scheduler(tiny_model, views, tmp_path):
