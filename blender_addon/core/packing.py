@@ -23,6 +23,10 @@ TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 SHARED_ATTENTION_MODES = ("off", "all", "reference")
 
 
+# The server's bound on consistency.attention_correspondence (TextureParams; a test checks they agree)
+MAX_ATTENTION_CORRESPONDENCE = 16.0
+
+
 class PackingError(ValueError):
     """Captured maps that break the ViewSet contract; the message names the view and the field."""
 
@@ -122,13 +126,16 @@ def texture_params(
     texture_size: int = 1024,
     grid: bool = False,
     shared_attention: str = "all",
+    attention_correspondence: float | None = None,
     uv_sync: bool = True,
     uv_noise: bool = True,
     loss_guidance: bool = False,
     cos_power: float | None = None,
     padding: int | None = None,
 ) -> dict:
-    """The `texture` job's params (server/concord/api/schemas.py TextureParams), as JSON-ready values."""
+    """The `texture` job's params (server/concord/api/schemas.py TextureParams), as JSON-ready values.
+
+    ``attention_correspondence`` None leaves the strength out, so the server uses its model's."""
     params = prompt_params(prompt, negative_prompt, seed, "the texture")
     check_choice("shared attention", shared_attention, SHARED_ATTENTION_MODES)
     params.update({
@@ -144,6 +151,13 @@ def texture_params(
             "loss_guidance": bool(loss_guidance),
         },
     })
+    if attention_correspondence is not None:
+        beta = float(attention_correspondence)
+        if not 0.0 <= beta <= MAX_ATTENTION_CORRESPONDENCE:
+            raise PackingError(
+                f"correspondence strength must be within 0..{MAX_ATTENTION_CORRESPONDENCE:g}, got {beta:g}"
+            )
+        params["consistency"]["attention_correspondence"] = beta
     bake = {}
     if cos_power is not None:
         bake["cos_power"] = float(cos_power)

@@ -226,6 +226,8 @@ class CONCORD_OT_texture_mesh(RunningOperator, bpy.types.Operator):
                     texture_size=int(settings.texture_size),
                     grid=settings.grid,
                     shared_attention=settings.shared_attention,
+                    # Model Defaults: left out, the server uses its model's (and the panel shows it once filled)
+                    attention_correspondence=None if settings.model_defaults else settings.attention_correspondence,
                     uv_sync=settings.uv_sync,
                     uv_noise=settings.uv_noise,
                     loss_guidance=settings.loss_guidance,

@@ -1,8 +1,8 @@
 """The add-on's properties: what the user sets (``Scene.concord``) and the running job's state
 (``WindowManager.concord_job``: not saved in the .blend, not part of undo, so undo never rewinds a progress bar).
 
-"Model Defaults" (``ConcordSettings.model_defaults``, on for a new scene): view size, steps, guidance and texture
-size are the server model's recommended settings. :func:`fill_model_defaults` copies them from a health answer
+"Model Defaults" (``ConcordSettings.model_defaults``, on for a new scene): view size, steps, guidance, texture
+size and the correspondence strength of shared attention are the server model's recommended settings. :func:`fill_model_defaults` copies them from a health answer
 into the settings; the preferences' Check Server and the texture operator (before it captures) call it on the main
 thread with the answer a worker thread fetched.
 
@@ -22,6 +22,8 @@ from bpy.props import (
     PointerProperty,
     StringProperty,
 )
+
+from ..core.packing import MAX_ATTENTION_CORRESPONDENCE
 
 RIGS = [
     ("ZERO123PP", "Zero123++ (6 views)", "Six views: azimuths 30..330 step 60, elevations 20/-10, 30 degree lens"),
@@ -79,6 +81,15 @@ class ConcordSettings(bpy.types.PropertyGroup):
     uv_map: StringProperty(name="UV Map", default="", description="UV map to texture (empty: the active render map)")
     grid: BoolProperty(name="Grid", default=False, description="Tile the views into one image while sampling")
     shared_attention: EnumProperty(name="Shared Attention", items=SHARED_ATTENTION, default="all")
+    attention_correspondence: FloatProperty(
+        name="Correspondence",
+        default=0.0,
+        min=0.0,
+        max=MAX_ATTENTION_CORRESPONDENCE,
+        description="Shared attention's pull towards the spots of the other views that show the same point of the "
+        "object (0: plain shared attention; no effect with Grid or Shared Attention off). With Model Defaults on, "
+        "the model's value is used",
+    )
     uv_sync: BoolProperty(name="UV Sync", default=True, description="Average the views in UV space every step")
     uv_noise: BoolProperty(name="UV Noise", default=True, description="Start every view from noise on the surface")
     loss_guidance: BoolProperty(name="Loss Guidance", default=False, description="Gradient guidance (slow)")
@@ -118,6 +129,11 @@ def fill_model_defaults(settings, health: dict) -> bool:
     settings.guidance = max(0.0, min(50.0, guidance))
     sizes = [int(k) for k, _, _ in TEXTURE_SIZES]
     settings.texture_size = str(min(sizes, key=lambda s: abs(s - tex)))
+    try:  # optional in the answer: a server from before the field recommends plain shared attention
+        beta = float(rec.get("attention_correspondence", 0.0))
+    except (TypeError, ValueError):
+        beta = 0.0
+    settings.attention_correspondence = max(0.0, min(MAX_ATTENTION_CORRESPONDENCE, beta))
     settings.model_defaults_from = str(health.get("model") or "")
     return True
 
@@ -126,7 +142,8 @@ def describe_used(metrics: dict) -> str:
     """`128 px views, 20 steps, guidance 2, texture 512: model micro's defaults` from a job's metrics.json."""
     settings = metrics.get("settings") or {}
     labels = (
-        ("view_size", "{} px views"), ("steps", "{} steps"), ("guidance", "guidance {}"), ("texture_size", "texture {}")
+        ("view_size", "{} px views"), ("steps", "{} steps"), ("guidance", "guidance {}"), ("texture_size", "texture {}"),
+        ("consistency.attention_correspondence", "correspondence {}"),
     )
     parts, sources = [], set()
     for key, fmt in labels:

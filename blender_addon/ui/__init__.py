@@ -164,6 +164,10 @@ class CONCORD_PT_consistency(ConcordSidebar, bpy.types.Panel):
         layout.enabled = not context.window_manager.concord_job.running
         s = context.scene.concord
         layout.prop(s, "shared_attention")
+        row = layout.row()
+        row.enabled = not s.model_defaults  # filled from the model, like steps and guidance
+        row.active = s.shared_attention != "off" and not s.grid  # no effect there (the server warns too)
+        row.prop(s, "attention_correspondence")
         layout.prop(s, "uv_sync")
         layout.prop(s, "uv_noise")
         layout.prop(s, "grid")

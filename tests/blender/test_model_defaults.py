@@ -1,8 +1,8 @@
 """The add-on's "Model Defaults" switch, headless, against a real `concord serve --model tiny` subprocess.
 
 * a new scene has it on;
-* Check Server (preferences) fills view size / steps / guidance / texture size from the server's model, and leaves
-  them alone when the switch is off;
+* Check Server (preferences) fills view size / steps / guidance / texture size / correspondence strength from the
+  server's model, and leaves them alone when the switch is off;
 * a job started with the switch on captures at the model's view size, leaves steps / guidance / texture size to
   the server, and metrics.json and the panel say every setting came from the model; with the switch off the
   panel's values are used and recorded as set by hand;
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.blender
 def _not_the_models(s) -> None:
     """Values no preset recommends, so a fill is visible."""
     s.view_resolution, s.steps, s.guidance, s.texture_size = 136, 2, 9.0, "4096"
+    s.attention_correspondence = 5.5
 
 
 def _recommended(server) -> dict:
@@ -37,7 +38,12 @@ def _recommended(server) -> dict:
 
 
 def _settings_tuple(s) -> tuple:
-    return s.view_resolution, s.steps, round(s.guidance, 4), s.texture_size
+    return s.view_resolution, s.steps, round(s.guidance, 4), s.texture_size, round(s.attention_correspondence, 4)
+
+
+def _rec_tuple(rec: dict) -> tuple:
+    return (rec["view_size"], rec["steps"], round(rec["guidance"], 4), str(rec["texture_size"]),
+            round(rec["attention_correspondence"], 4))
 
 
 def test_new_scene_has_model_defaults_on(addon, bpy_module):
@@ -58,7 +64,7 @@ def test_check_server_fills_the_models_settings(addon, bpy_module, concord_serve
 
     s.model_defaults = True
     assert bpy.ops.concord.check_server(blocking=True) == {"FINISHED"}
-    assert _settings_tuple(s) == (rec["view_size"], rec["steps"], round(rec["guidance"], 4), str(rec["texture_size"]))
+    assert _settings_tuple(s) == _rec_tuple(rec)
     assert s.model_defaults_from == "tiny"
     assert f"{rec['view_size']} px views" in _prefs(bpy).status_text
 
@@ -75,7 +81,7 @@ def test_job_with_model_defaults_uses_the_models_settings(addon, bpy_module, con
 
     assert bpy.ops.concord.texture_mesh(blocking=True) == {"FINISHED"}
 
-    assert _settings_tuple(s) == (rec["view_size"], rec["steps"], round(rec["guidance"], 4), str(rec["texture_size"]))
+    assert _settings_tuple(s) == _rec_tuple(rec)
     state = bpy.context.window_manager.concord_job
     metrics = json.loads((Path(state.last_result) / "metrics.json").read_text())
     assert metrics["settings"] == {
@@ -83,7 +89,7 @@ def test_job_with_model_defaults_uses_the_models_settings(addon, bpy_module, con
         "guidance": {"value": rec["guidance"], "source": "model"},
         "texture_size": {"value": rec["texture_size"], "source": "model"},
         "view_size": {"value": rec["view_size"], "source": "model"},
-        # the add-on never sends it: always the model's
+        # left out under Model Defaults: the model's
         "consistency.attention_correspondence": {"value": rec["attention_correspondence"], "source": "model"},
     }
     assert metrics["view_size"] == [rec["view_size"]] * 2 and metrics["texture_size"] == rec["texture_size"]
@@ -100,10 +106,11 @@ def test_job_without_model_defaults_uses_the_panel(addon, bpy_module, concord_se
     s.prompt = "weathered red brick"
     s.model_defaults = False
     s.view_resolution, s.steps, s.guidance, s.texture_size = 72, 2, 5.0, "512"
+    s.attention_correspondence = 3.0
 
     assert bpy.ops.concord.texture_mesh(blocking=True) == {"FINISHED"}
 
-    assert _settings_tuple(s) == (72, 2, 5.0, "512")
+    assert _settings_tuple(s) == (72, 2, 5.0, "512", 3.0)
     state = bpy.context.window_manager.concord_job
     metrics = json.loads((Path(state.last_result) / "metrics.json").read_text())
     assert metrics["settings"] == {
@@ -111,9 +118,10 @@ def test_job_without_model_defaults_uses_the_panel(addon, bpy_module, concord_se
         "guidance": {"value": 5.0, "source": "user"},
         "texture_size": {"value": 512, "source": "user"},
         "view_size": {"value": 72, "source": "user"},
-        "consistency.attention_correspondence": {"value": 0.0, "source": "model"},  # tiny's; the panel has no such field
+        "consistency.attention_correspondence": {"value": 3.0, "source": "user"},
     }
-    assert "set by hand" in state.last_settings
+    assert metrics["attention_correspondence"] == 3.0  # what ran
+    assert "set by hand" in state.last_settings and "correspondence 3" in state.last_settings
 
 
 def test_server_down_with_model_defaults_is_a_clear_error(addon, bpy_module, snapshot, free_port):
@@ -129,3 +137,43 @@ def test_server_down_with_model_defaults_is_a_clear_error(addon, bpy_module, sna
     assert snapshot() == before and _settings_tuple(s) == settings
     state = bpy.context.window_manager.concord_job
     assert "concord serve" in state.last_report and not state.running
+
+
+def test_consistency_panel_shows_the_correspondence_strength(addon, bpy_module):
+    """The Consistency sub-panel draws Correspondence: greyed out (inactive) where it has no effect (Grid on,
+    Shared Attention off), not editable under Model Defaults (the model's value is filled in), editable otherwise."""
+    bpy = bpy_module
+    from blender_addon.ui import CONCORD_PT_consistency
+
+    drawn: dict = {}
+
+    class Layout:
+        def __init__(self, enabled=True, active=True):
+            self.enabled, self.active, self.use_property_split = enabled, active, False
+
+        def row(self, **_):
+            return Layout(self.enabled, self.active)
+
+        column = row
+
+        def prop(self, data, name, **_):
+            assert name in data.bl_rna.properties, name
+            drawn[name] = (self.enabled, self.active)
+
+    def draw() -> tuple:
+        drawn.clear()
+        panel = type("Panel", (), {})()
+        panel.layout = Layout()
+        CONCORD_PT_consistency.draw(panel, bpy.context)
+        return drawn["attention_correspondence"]
+
+    s = bpy.context.scene.concord
+    s.model_defaults, s.shared_attention, s.grid = False, "all", False
+    assert draw() == (True, True)
+    assert list(drawn)[:2] == ["shared_attention", "attention_correspondence"]
+    s.grid = True
+    assert draw() == (True, False)
+    s.grid, s.shared_attention = False, "off"
+    assert draw() == (True, False)
+    s.shared_attention, s.model_defaults = "all", True
+    assert draw() == (False, True)

@@ -65,6 +65,24 @@ def test_texture_params_validate_on_server_schema():
         packing.texture_params("x", shared_attention="some")
 
 
+def test_texture_params_correspondence_strength():
+    """Left out by default (the server then uses its model's); sent when set; refused outside the server's bounds,
+    which the add-on's constant mirrors."""
+    field = TextureParams.model_fields["consistency"].annotation.model_fields["attention_correspondence"]
+    bounds = {type(m).__name__: m for m in field.metadata}
+    assert bounds["Ge"].ge == 0.0 and bounds["Le"].le == packing.MAX_ATTENTION_CORRESPONDENCE
+    p = packing.texture_params("x")
+    assert "attention_correspondence" not in p["consistency"]
+    assert TextureParams.model_validate(p).consistency.attention_correspondence is None
+    p = packing.texture_params("x", attention_correspondence=6.5)
+    assert TextureParams.model_validate(p).consistency.attention_correspondence == 6.5
+    p = packing.texture_params("x", attention_correspondence=packing.MAX_ATTENTION_CORRESPONDENCE)
+    assert TextureParams.model_validate(p).consistency.attention_correspondence == packing.MAX_ATTENTION_CORRESPONDENCE
+    for bad in (-0.5, packing.MAX_ATTENTION_CORRESPONDENCE + 1, float("nan")):
+        with pytest.raises(packing.PackingError, match="correspondence strength"):
+            packing.texture_params("x", attention_correspondence=bad)
+
+
 def test_result_folder(tmp_path):
     blend = tmp_path / "proj" / "scene.blend"
     blend.parent.mkdir()

@@ -20,6 +20,7 @@ from concord.attention.extended import (
     CorrespondenceBias,
     ExtendedSelfAttnProcessor,
     attention_grids,
+    attention_levels,
     extended_attention,
     token_footprint,
 )
@@ -161,9 +162,41 @@ def test_unknown_token_grid_and_bad_settings_are_clear_errors():
         CorrespondenceBias([(np.zeros((2, 4, 4, 2)), np.ones((2, 4, 4), bool))], 1.0)
 
 
-def test_attention_grids_halve_while_they_divide():
+def test_attention_grids_follow_the_unets_downsampling():
+    """Each level is what a stride-2, padding-1 3x3 convolution makes of the one above (checked against torch's
+    own output size), down to 1 x 1; odd sides round up."""
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    for hw in ((32, 32), (12, 8), (9, 9), (13, 6)):
+        grids = attention_grids(hw)
+        assert grids[0] == hw and grids[-1] == (1, 1)
+        for above, below in zip(grids, grids[1:]):
+            assert tuple(conv(torch.zeros(1, 1, *above)).shape[2:]) == below
     assert attention_grids((32, 32)) == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
-    assert attention_grids((12, 8)) == [(12, 8), (6, 4), (3, 2)]
+    assert attention_grids((9, 9)) == [(9, 9), (5, 5), (3, 3), (2, 2), (1, 1)]
+    assert attention_levels((72, 72), (9, 9))[:3] == [((9, 9), (8, 8)), ((5, 5), (16, 16)), ((3, 3), (32, 32))]
+    with pytest.raises(ValueError, match="does not divide"):
+        attention_levels((72, 72), (7, 7))
+
+
+def test_token_grid_of_a_level_that_does_not_divide_the_image():
+    """A 72 px view's 5 x 5 level (16 px tokens): tokens wholly inside the image are those of the same grid on the
+    image cropped to 64 px; the last row and column cover the remaining 8 px, the padding counting as background
+    (so a token whose image pixels are all foreground is only half foreground: background, no bonus; the
+    conservative side, since the UNet's token there also mixes in its zero padding)."""
+    from concord.geometry.sync import token_grid
+
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(2, 72, 72, 3)).astype(np.float32)
+    mask = np.ones((2, 72, 72), bool)
+    mask[:, :30, :30] = False
+    p5, f5 = token_grid(pts, mask, (5, 5), block=(16, 16))
+    p4, f4 = token_grid(pts[:, :64, :64], mask[:, :64, :64], (4, 4))
+    assert np.array_equal(p5[:, :4, :4], p4) and np.array_equal(f5[:, :4, :4], f4)
+    assert not f5[:, 4, :].any() and not f5[:, :, 4].any()
+    _, f5 = token_grid(pts, np.ones_like(mask), (5, 5), block=(16, 16))
+    assert f5[:, :4, :4].all() and not f5[:, 4, :].any() and not f5[:, :, 4].any()
+    with pytest.raises(ValueError, match="does not cover"):
+        token_grid(pts, mask, (4, 4), block=(16, 16))
 
 
 def test_token_points_of_rendered_views_meet_where_the_views_see_the_same_spot():

@@ -456,6 +456,21 @@ def test_correspondence_weighting_biases_the_shared_attention(option_runs):
     assert cor.metrics["warnings"] == a.metrics["warnings"]
 
 
+def test_correspondence_weighting_at_a_view_size_with_odd_token_grids(tiny_model, tmp_path):
+    """72 px views: a 9x9 latent, which the UNet downsamples to 5x5 (odd sides round up). The bias covers every such
+    level, so the job runs with it (it once failed there: the bias knew only the levels that halve evenly)."""
+    seen = []
+
+    def on_progress(stage, step, total, message):
+        if stage == "denoising" and step == 1:
+            seen.extend(p.bias for n, p in tiny_model.pipe.unet.attn_processors.items() if "attn1" in n)
+
+    p = params(steps=1, texture_size=64, consistency={**OFF, "shared_attention": "all", "attention_correspondence": 6.0})
+    m = run_job(tiny_model, p, box_views(72).to_npz_dict(), tmp_path, on_progress)
+    assert m["attention_correspondence"] == 6.0 and m["view_size"] == [72, 72]
+    assert seen and {b.token_counts[-3:] for b in seen} == {(9, 25, 81)}
+
+
 def test_correspondence_weighting_that_cannot_run_is_reported():
     from concord.api.schemas import ConsistencyOptions
     from concord.pipelines.texture import correspondence_note

@@ -173,14 +173,28 @@ class CorrespondenceBias:
 
 
 def attention_grids(latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """The token grids a UNet's attention levels can run at: the latent (h, w), halved while both divide evenly
-    (the levels a :class:`CorrespondenceBias` is built for)."""
+    """The token grids a UNet's attention levels can run at: the latent (h, w), then the size after each stride-2
+    downsampler, down to 1 x 1 (the levels a :class:`CorrespondenceBias` is built for). diffusers' Downsample2D is a
+    3x3 convolution with stride 2 and padding 1, so an odd side rounds up: ceil(h / 2) (a 72 px view of an SD model:
+    latent 9, then 5, 3, 2, 1)."""
     h, w = int(latent_hw[0]), int(latent_hw[1])
     grids = [(h, w)]
-    while h % 2 == 0 and w % 2 == 0:
-        h, w = h // 2, w // 2
+    while (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
         grids.append((h, w))
     return grids
+
+
+def attention_levels(image_hw: tuple[int, int], latent_hw: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(token grid, pixel block) per level of :func:`attention_grids`: level k's token covers the image pixels of a
+    2^k x 2^k block of latent pixels, f 2^k pixels a side for a latent pixel of f (the latent must divide the
+    image); where the side does not divide, the last row or column of blocks reaches past the image."""
+    hh, ww = int(image_hw[0]), int(image_hw[1])
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    if h < 1 or w < 1 or hh % h or ww % w:
+        raise ValueError(f"a latent of {h}x{w} does not divide views of {hh}x{ww}")
+    fy, fx = hh // h, ww // w
+    return [(grid, (fy << k, fx << k)) for k, grid in enumerate(attention_grids((h, w)))]
 
 
 def token_footprint(points: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:

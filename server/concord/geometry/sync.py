@@ -188,24 +188,42 @@ def downsample_viewset(viewset: ViewSet, latent_hw: tuple[int, int]) -> ViewSet:
     )
 
 
-def token_grid(points: np.ndarray, mask: np.ndarray, token_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def token_grid(
+    points: np.ndarray, mask: np.ndarray, token_hw: tuple[int, int], block: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel surface points (V, H, W, 3) and foreground (V, H, W) -> the points of a coarser (th, tw) token grid:
     a token is foreground by the strict-majority rule of :func:`latent_foreground`, and shows the point of its
     representative pixel (the foreground pixel nearest the block centre, as in :func:`downsample_viewset`), so a
-    token at a depth edge takes one real surface point, never an average of two surfaces. Background: 0."""
+    token at a depth edge takes one real surface point, never an average of two surfaces. Background: 0.
+
+    ``block`` (by, bx): the pixels a token covers, for grids that do not divide the image (a UNet level after an
+    odd side rounded up, ``concord.attention.extended.attention_levels``): the image is padded with background to
+    (th by, tw bx) first, so the last row or column of tokens covers the image's remainder. None: H / th."""
     mask = np.asarray(mask, dtype=bool)
+    points = np.asarray(points, np.float32)
+    if block is not None:
+        th, tw = int(token_hw[0]), int(token_hw[1])
+        ph, pw = th * int(block[0]), tw * int(block[1])
+        v, hh, ww = mask.shape
+        if not (hh <= ph < hh + block[0] and ww <= pw < ww + block[1]):
+            raise ValueError(f"a {th}x{tw} grid of {block[0]}x{block[1]} blocks does not cover {hh}x{ww} views")
+        mask = np.pad(mask, ((0, 0), (0, ph - hh), (0, pw - ww)))
+        points = np.pad(points, ((0, 0), (0, ph - hh), (0, pw - ww), (0, 0)))
     fg = latent_foreground(mask, token_hw)
     rep = _representative_slot(mask, token_hw)
-    b = latent_blocks(np.asarray(points, np.float32), token_hw)  # (V, th, tw, f2, 3)
+    b = latent_blocks(points, token_hw)  # (V, th, tw, f2, 3)
     picked = np.take_along_axis(b, rep[..., None, None], axis=3)[:, :, :, 0]
     return np.where(fg[..., None], picked, 0.0).astype(np.float32), fg
 
 
-def token_surface_points(viewset: ViewSet, token_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def token_surface_points(
+    viewset: ViewSet, token_hw: tuple[int, int], block: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The world point each token of a (th, tw) grid over the views shows (:func:`token_grid` of the ViewSet
     contract's per-pixel points ``X = C + z R^T K^-1 (c + 0.5, r + 0.5, 1)``): what correspondence-weighted
     shared attention (``concord.attention.extended.CorrespondenceBias``) uses to find the tokens of two views
-    that see the same spot. Returns (points (V, th, tw, 3) float32, foreground (V, th, tw) bool)."""
+    that see the same spot. ``block``: as in :func:`token_grid`. Returns (points (V, th, tw, 3) float32,
+    foreground (V, th, tw) bool)."""
     from .render import pixel_rays
 
     v, hh, ww = viewset.depth.shape
@@ -213,7 +231,7 @@ def token_surface_points(viewset: ViewSet, token_hw: tuple[int, int]) -> tuple[n
     for k in range(v):
         origin, dirs = pixel_rays(viewset.intrinsics[k], viewset.world_to_camera[k], ww, hh)
         pts[k] = (origin[None, :] + viewset.depth[k].reshape(-1, 1).astype(np.float64) * dirs).reshape(hh, ww, 3)
-    return token_grid(pts, np.asarray(viewset.mask, bool) & (viewset.depth > 0), token_hw)
+    return token_grid(pts, np.asarray(viewset.mask, bool) & (viewset.depth > 0), token_hw, block)
 
 
 def _representative_slot(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:

@@ -150,7 +150,7 @@ def _step_bias(cfg: TrainConfig, step: int, data, views: int, latent_hw: tuple[i
     attention level, per set."""
     if views == 1 or not cfg.correspondence:
         return None
-    from concord.attention.extended import CorrespondenceBias, attention_grids
+    from concord.attention.extended import CorrespondenceBias, attention_levels
     from concord.geometry.sync import token_grid
 
     rng = np.random.default_rng(_step_seed(cfg.seed, step, 5))
@@ -159,8 +159,8 @@ def _step_bias(cfg: TrainConfig, step: int, data, views: int, latent_hw: tuple[i
         return None
     sets = len(data.prompts) // views
     levels = []
-    for hw in attention_grids(latent_hw):
-        pts, fg = token_grid(data.coords, data.mask, hw)
+    for hw, block in attention_levels(data.mask.shape[1:3], latent_hw):
+        pts, fg = token_grid(data.coords, data.mask, hw, block)
         levels.append((pts.reshape(sets, views, *hw, 3), fg.reshape(sets, views, *hw)))
     return CorrespondenceBias(levels, beta)
 

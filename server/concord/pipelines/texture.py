@@ -304,11 +304,13 @@ def correspondence_note(c) -> str | None:
 
 def correspondence_bias(viewset, latent_hw: tuple[int, int], strength: float):
     """The :class:`concord.attention.extended.CorrespondenceBias` of a job: token surface points for every
-    attention level the denoiser can have (the latent grid, halved while it divides evenly)."""
-    from concord.attention.extended import CorrespondenceBias, attention_grids
+    attention level the denoiser can have (the latent grid and each stride-2 downsampling of it, odd sides rounded
+    up: ``attention_levels``)."""
+    from concord.attention.extended import CorrespondenceBias, attention_levels
     from concord.geometry.sync import token_surface_points
 
-    return CorrespondenceBias([token_surface_points(viewset, hw) for hw in attention_grids(latent_hw)], strength)
+    levels = attention_levels(viewset.depth.shape[1:3], latent_hw)
+    return CorrespondenceBias([token_surface_points(viewset, hw, block) for hw, block in levels], strength)
 
 
 def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
