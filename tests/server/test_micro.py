@@ -336,6 +336,21 @@ def test_shipped_micro_model_meets_targets():
     assert res["pattern_accuracy"] >= TARGETS["pattern_accuracy"] - 0.1, res
 
 
+@pytest.mark.skipif(not (DEFAULT_WEIGHTS / "model_index.json").exists(), reason="micro weights not shipped yet")
+def test_shipped_micro_weights_are_small_and_their_training_is_on_record():
+    """The consistency issue's limits on the shipped model: at most 10 MB on disk; its training.json records every
+    stage with the seed and command that reproduce it, and a total that is the stages' sum (the model card quotes
+    it; it is not asserted under the two-hour budget, which the shipped model misses: docs/micro-model.md)."""
+    import json
+
+    size = sum(f.stat().st_size for f in DEFAULT_WEIGHTS.rglob("*") if f.is_file())
+    assert size <= 10 * 1024 * 1024, size
+    record = json.loads((DEFAULT_WEIGHTS / "training.json").read_text())
+    stages = record["stages"]
+    assert stages and all(isinstance(st["seed"], int) and "concord train-micro" in st["command"] for st in stages)
+    assert record["train_minutes_total"] == pytest.approx(sum(st["train_minutes"] for st in stages), abs=0.01)
+
+
 def test_micro_joins_the_multiview_texture_sampler(tiny_model, test_pipe, tmp_path):
     """ARCHITECTURE rule 7: the micro model runs through the texture job's sampler unchanged (grid, shared
     attention, UV sync) via `micro_parts`."""
