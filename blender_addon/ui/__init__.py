@@ -15,7 +15,17 @@ Layer rule: a bpy layer; draws only. No network, no data changes in draw().
 
 from __future__ import annotations
 
+import textwrap
+
 import bpy
+
+# Characters per line of the "Used:" summary: a label never wraps, so a long line loses its end in a narrow sidebar
+USED_LINE_CHARS = 48
+
+
+def used_lines(summary: str) -> list[str]:
+    """The "Used: ..." summary of the last job (``props.describe_used``) as lines of at most USED_LINE_CHARS."""
+    return textwrap.wrap(f"Used: {summary}", USED_LINE_CHARS)
 
 
 class ConcordSidebar:
@@ -149,7 +159,9 @@ class CONCORD_PT_texture(ConcordSidebar, bpy.types.Panel):
             box.template_icon(icon_value=layout.icon(image), scale=8.0)
         draw_last_report(layout, state, success=("Textured",))
         if state.last_settings and not running:
-            layout.label(text=f"Used: {state.last_settings}")
+            col = layout.column(align=True)  # a label never wraps: the sidebar would cut the line's end off
+            for line in used_lines(state.last_settings):
+                col.label(text=line)
 
 
 class CONCORD_PT_consistency(ConcordSidebar, bpy.types.Panel):

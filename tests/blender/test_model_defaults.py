@@ -177,3 +177,18 @@ def test_consistency_panel_shows_the_correspondence_strength(addon, bpy_module):
     assert draw() == (True, False)
     s.shared_attention, s.model_defaults = "all", True
     assert draw() == (False, True)
+
+
+def test_used_summary_is_drawn_in_lines_that_fit(addon, bpy_module):
+    """The panel's "Used:" summary (a label, which never wraps) comes in lines of at most USED_LINE_CHARS that
+    together say all of it."""
+    from blender_addon.props import describe_used
+    from blender_addon.ui import USED_LINE_CHARS, used_lines
+
+    settings = {"view_size": 128, "steps": 20, "guidance": 2.0, "texture_size": 512,
+                "consistency.attention_correspondence": 8.0}
+    summary = describe_used({"model": "micro", "settings": {k: {"value": v, "source": "model"} for k, v in settings.items()}})
+    assert summary == "128 px views, 20 steps, guidance 2, texture 512, correspondence 8 (model micro's defaults)"
+    lines = used_lines(summary)
+    assert len(lines) > 1 and all(len(line) <= USED_LINE_CHARS for line in lines)
+    assert " ".join(lines) == f"Used: {summary}"
