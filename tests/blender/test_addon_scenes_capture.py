@@ -51,6 +51,9 @@ def _last_result(bpy) -> Path:
 
 
 def _select_only(bpy, ob):
+    # resync the view layer's object list first: after a collection's exclude flag changes it is rebuilt lazily,
+    # and walking it before that crashed bpy once (a segfault in select_set, CI)
+    bpy.context.view_layer.update()
     for o in bpy.context.view_layer.objects:
         o.select_set(False)
     ob.select_set(True)
@@ -253,8 +256,8 @@ def test_scene_cameras_skip_orthographic_hidden_and_excluded(addon, bpy_module, 
     shelf = bpy.data.collections.new("Shelf")
     scene.collection.children.link(shelf)
     _camera(bpy, "Cam E Excluded", (0.0, 5.0, -1.0), collection=shelf)
-    bpy.context.view_layer.layer_collection.children["Shelf"].exclude = True
     _select_only(bpy, ob)
+    bpy.context.view_layer.layer_collection.children["Shelf"].exclude = True
     _setup(bpy, concord_server, tmp_path, rig="SCENE_CAMERAS")
     out = _run(bpy)
 
