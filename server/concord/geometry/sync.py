@@ -67,6 +67,7 @@ __all__ = [
     "latent_blocks",
     "latent_foreground",
     "token_grid",
+    "pixel_surface_points",
     "token_surface_points",
     "SEAM_UV_JUMP",
     "MIN_TEXTURE_SIZE",
@@ -216,14 +217,10 @@ def token_grid(
     return np.where(fg[..., None], picked, 0.0).astype(np.float32), fg
 
 
-def token_surface_points(
-    viewset: ViewSet, token_hw: tuple[int, int], block: tuple[int, int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The world point each token of a (th, tw) grid over the views shows (:func:`token_grid` of the ViewSet
-    contract's per-pixel points ``X = C + z R^T K^-1 (c + 0.5, r + 0.5, 1)``): what correspondence-weighted
-    shared attention (``concord.attention.extended.CorrespondenceBias``) uses to find the tokens of two views
-    that see the same spot. ``block``: as in :func:`token_grid`. Returns (points (V, th, tw, 3) float32,
-    foreground (V, th, tw) bool)."""
+def pixel_surface_points(viewset: ViewSet) -> tuple[np.ndarray, np.ndarray]:
+    """The world point every pixel of every view shows, by the ViewSet contract's
+    ``X = C + z R^T K^-1 (c + 0.5, r + 0.5, 1)``, and where it shows the object. Returns (points (V, H, W, 3)
+    float32, foreground (V, H, W) bool): what :func:`token_grid` coarsens to each attention level."""
     from .render import pixel_rays
 
     v, hh, ww = viewset.depth.shape
@@ -231,7 +228,18 @@ def token_surface_points(
     for k in range(v):
         origin, dirs = pixel_rays(viewset.intrinsics[k], viewset.world_to_camera[k], ww, hh)
         pts[k] = (origin[None, :] + viewset.depth[k].reshape(-1, 1).astype(np.float64) * dirs).reshape(hh, ww, 3)
-    return token_grid(pts, np.asarray(viewset.mask, bool) & (viewset.depth > 0), token_hw, block)
+    return pts, np.asarray(viewset.mask, bool) & (viewset.depth > 0)
+
+
+def token_surface_points(
+    viewset: ViewSet, token_hw: tuple[int, int], block: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The world point each token of a (th, tw) grid over the views shows (:func:`token_grid` of
+    :func:`pixel_surface_points`): what correspondence-weighted shared attention
+    (``concord.attention.extended.CorrespondenceBias``) uses to find the tokens of two views that see the same
+    spot. ``block``: as in :func:`token_grid`. Several levels of one ViewSet: compute the pixel points once and
+    call :func:`token_grid` per level. Returns (points (V, th, tw, 3) float32, foreground (V, th, tw) bool)."""
+    return token_grid(*pixel_surface_points(viewset), token_hw, block)
 
 
 def _representative_slot(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:

@@ -307,10 +307,11 @@ def correspondence_bias(viewset, latent_hw: tuple[int, int], strength: float):
     attention level the denoiser can have (the latent grid and each stride-2 downsampling of it, odd sides rounded
     up: ``attention_levels``)."""
     from concord.attention.extended import CorrespondenceBias, attention_levels
-    from concord.geometry.sync import token_surface_points
+    from concord.geometry.sync import pixel_surface_points, token_grid
 
+    pts, fg = pixel_surface_points(viewset)  # once: every level coarsens the same per-pixel points
     levels = attention_levels(viewset.depth.shape[1:3], latent_hw)
-    return CorrespondenceBias([token_surface_points(viewset, hw, block) for hw, block in levels], strength)
+    return CorrespondenceBias([token_grid(pts, fg, hw, block) for hw, block in levels], strength)
 
 
 def picture_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
