@@ -446,17 +446,19 @@ def test_warm_start_grows_a_trained_model_without_changing_what_it_computes(tmp_
 
 
 def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
-    from concord.micro.train import LOSS_LOG, TrainConfig, TrainError, train
+    from concord.micro.train import LOSS_LOG, TrainConfig, TrainError, _self_correct_at, train
 
     _v1_test_model(tmp_path / "v1")
     common = dict(preset="test", batch=6, size=32, log_every=1, warmup_steps=2, seed=2, minutes=5, threads=0,
                   views=3, single_share=0.5, init_from=str(tmp_path / "v1"), open_share=0.5, set_timesteps="shared",
-                  edge_weight=4.0, correspondence=(0.0, 4.0))
+                  edge_weight=4.0, correspondence=(0.0, 4.0), self_correct=0.5)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), steps=4, **common), progress=False)
     assert whole["views"] == 3 and whole["init_from"] == str(tmp_path / "v1") and whole["open_share"] == 0.5
     assert whole["set_timesteps"] == "shared" and whole["edge_weight"] == 4.0 and whole["correspondence"] == [0.0, 4.0]
     assert "--open-prompts 0.5" in whole["command"] and "--set-timesteps shared --edge-weight 4" in whole["command"]
-    assert "--correspondence 0,4" in whole["command"]
+    assert "--correspondence 0,4" in whole["command"] and "--self-correct 0.5" in whole["command"]
+    assert whole["self_correct"] == 0.5
+    assert {_self_correct_at(TrainConfig(out="x", **common), k) for k in range(4)} == {True, False}  # both kinds run
     train(TrainConfig(out=str(tmp_path / "split"), steps=2, **common), progress=False)
     with pytest.raises(TrainError, match="resume with the same values"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "views": 2}), progress=False)
@@ -466,6 +468,8 @@ def test_multiview_training_from_a_grown_model_resumes_exactly(tmp_path):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "edge_weight": 1.0}), progress=False)
     with pytest.raises(TrainError, match="correspondence"):
         train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "correspondence": ()}), progress=False)
+    with pytest.raises(TrainError, match="self_correct=0.5"):
+        train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **{**common, "self_correct": 0.0}), progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
 
@@ -584,6 +588,41 @@ def test_edge_weights_mark_the_outline_on_both_sides_and_nothing_else():
     we = edge_weights(b.mask, 3.0) == 3.0
     assert 0 < we.mean() < 0.15
     assert (we & b.mask).any() and (we & ~b.mask).any()
+
+
+def test_own_trajectory_input_takes_every_pixel_back_to_the_clean_image():
+    from concord.micro.model import build_scheduler
+    from concord.micro.train import own_trajectory_input, self_correction_weight
+
+    abar_all = build_scheduler().alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 12, 6, 6, generator=g, dtype=torch.float64) * 2 - 1
+    eps_hi, eps_lo = torch.randn(2, *x0.shape, generator=g, dtype=torch.float64)
+    t_lo = torch.tensor([0, 40, 300, 700])
+    t_hi = torch.tensor([900, 41, 999, 701])
+    a_lo, a_hi = abar_all[t_lo].view(-1, 1, 1, 1), abar_all[t_hi].view(-1, 1, 1, 1)
+    x_hi = a_hi.sqrt() * x0 + (1 - a_hi).sqrt() * eps_hi
+    own = torch.rand(x0.shape, generator=g) < 0.5
+    v_fwd = a_lo.sqrt() * eps_lo - (1 - a_lo).sqrt() * x0
+    # a model that knows the answer at t_hi: its DDIM step is the forward process at t_lo with the same noise
+    v_true_hi = a_hi.sqrt() * eps_hi - (1 - a_hi).sqrt() * x0
+    x_in, v = own_trajectory_input(x_hi, x0, v_true_hi, a_hi, a_lo, eps_lo, own)
+    x_want = torch.where(own, a_lo.sqrt() * x0 + (1 - a_lo).sqrt() * eps_hi, a_lo.sqrt() * x0 + (1 - a_lo).sqrt() * eps_lo)
+    assert torch.allclose(x_in, x_want, atol=1e-9)
+    assert torch.allclose(v, torch.where(own, a_lo.sqrt() * eps_hi - (1 - a_lo).sqrt() * x0, v_fwd), atol=1e-7)
+    # any model: the target's x0 is the clean one on every pixel, and the forward-process pixels are untouched
+    v_hat = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_in, v = own_trajectory_input(x_hi, x0, v_hat, a_hi, a_lo, eps_lo, own)
+    assert torch.allclose(a_lo.sqrt() * x_in - (1 - a_lo).sqrt() * v, x0, atol=1e-7)
+    assert torch.equal(x_in[~own], (a_lo.sqrt() * x0 + (1 - a_lo).sqrt() * eps_lo)[~own])
+    assert not torch.allclose(x_in[own], (a_lo.sqrt() * x0 + (1 - a_lo).sqrt() * eps_lo)[own])
+    # the weight turns the v error into the x0 error weighted min(SNR, cap)
+    w = self_correction_weight(a_lo, 5.0)
+    snr = a_lo / (1 - a_lo)
+    err_x0 = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    err_v = err_x0 / (1 - a_lo).sqrt()  # x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v_hat
+    assert torch.allclose(w * err_v**2, snr.clamp(max=5.0) * err_x0**2, rtol=1e-9)
+    assert snr[0].item() > 5.0 and snr[3].item() < 5.0  # both sides of the cap are exercised
 
 
 def test_colour_pair_agreement_counts_views_on_the_most_common_pair():
