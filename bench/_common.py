@@ -26,6 +26,18 @@ def machine() -> dict:
     return info
 
 
+def quiet_diffusion() -> None:
+    """No library warnings or per-call progress bars (diffusers, transformers) in a benchmark's table."""
+    from concord.models.registry import quiet_libraries
+
+    quiet_libraries()
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def timed(fn, repeat: int = 5, warmup: int = 1) -> dict:
     for _ in range(warmup):
         fn()

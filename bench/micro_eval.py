@@ -16,19 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import quiet_diffusion, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from concord.models.registry import quiet_libraries
-
-    quiet_libraries()
-    import diffusers
+    quiet_diffusion()
     import torch
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
     from concord.micro.evaluate import TARGETS, evaluate
     from concord.micro.model import DEFAULT_WEIGHTS, count_parameters, load_micro

@@ -1,0 +1,113 @@
+"""Where the micro model loses background fidelity: the x0 prediction's background fidelity at every sampling step.
+
+    python bench/micro_background.py                                  # the shipped weights, 48 samples
+    python bench/micro_background.py --model runs/micro/model --name micro_background_attempt10
+
+For held-out samples of the `eval` split (20 DDIM steps, guidance 2, as `bench/micro_eval.py`), two figures per
+step of the schedule, both scored with `concord.micro.evaluate`'s background rule (every channel within 0.1 of
+the grey, on the pixels the depth calls background):
+- `trajectory`: the guided x0 prediction along an ordinary sampling run (the project's one sampler loop,
+  `concord.pipelines.sampler.sample`, read through its `after_x0` hook, which changes nothing);
+- `from_truth`: the x0 prediction for the ground truth noised to that step's t by the forward process -- the
+  input the model was trained on.
+The final sample's fidelity is `bench/micro_eval.py`'s figure. A trajectory that stays below `from_truth` at low
+noise means the model keeps what earlier steps painted (exposure bias) rather than failing on clean inputs.
+Prints a table and writes bench/results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import quiet_diffusion, report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_diffusion()
+    import numpy as np
+    import torch
+
+    from concord.micro.data import BACKGROUND, generate_batch
+    from concord.micro.evaluate import BACKGROUND_TOLERANCE
+    from concord.micro.model import DEFAULT_WEIGHTS, load_micro, micro_parts
+    from concord.pipelines.depth_image import depth_to_control
+    from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, sample, x0_from_output
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=1234, help="eval split seed (the noise is seeded from it too)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="micro_background", help="results file name (bench/results/NAME.json)")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.steps < 1:
+        print("micro_background: error: --samples and --steps must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        pipe = load_micro(args.model)
+    except FileNotFoundError as exc:
+        print(f"micro_background: error: {exc}", file=sys.stderr)
+        return 2
+    parts = micro_parts(pipe)
+    den, codec = parts.denoiser, parts.codec
+    b = generate_batch(args.samples, args.seed, index=0, height=64, width=64, split="eval")
+    background = ~b.mask
+
+    def fidelity(x0: torch.Tensor) -> float:
+        img = codec.decode(x0).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        ok = (np.abs(img - BACKGROUND).max(-1) <= BACKGROUND_TOLERANCE) & background
+        return float(ok.sum() / background.sum())
+
+    n = args.samples
+    embs = [parts.text_embeddings(prompt, "", guidance=True) for prompt in b.prompts]  # each [uncond, cond]
+    emb = torch.cat([torch.cat([e[:1] for e in embs]), torch.cat([e[1:] for e in embs])])
+    latent_hw = (64 // 2, 64 // 2)
+    control = torch.cat([den.prepare_control(torch.from_numpy(depth_to_control(d))[None, None], latent_hw) for d in b.depth])
+    control = torch.cat([control, control])
+
+    def model_output(xin, t):  # classifier-free guidance over [uncond, cond] (Ho & Salimans 2022)
+        out = den.predict(torch.cat([xin, xin]), t, emb, control).float()
+        u, c = out.chunk(2)
+        return u + args.guidance * (c - u)
+
+    x0_true = codec.encode(torch.from_numpy(b.images).permute(0, 3, 1, 2)).float()
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(x0_true.shape, generator=gen)
+    start = torch.randn(x0_true.shape, generator=gen)
+    trajectory: list[tuple[int, float]] = []
+
+    def record(info, x0):
+        trajectory.append((int(info.t), fidelity(x0)))
+        return x0
+
+    with torch.no_grad():
+        final = sample(model_output, pipe.scheduler, start, args.steps, hooks=Hooks(after_x0=record))
+        sched = fresh_scheduler(pipe.scheduler)
+        sched.set_timesteps(args.steps)
+        ptype = sched.config.get("prediction_type", "epsilon")
+        from_truth = []
+        for t in sched.timesteps:
+            x_t = sched.add_noise(x0_true, noise, t.repeat(n))
+            xin = sched.scale_model_input(x_t, t)
+            from_truth.append(fidelity(x0_from_output(model_output(xin, t), xin, abar_at(sched, t), ptype)))
+    rows = [
+        {"step": i, "t": t, "trajectory": traj, "from_truth": truth}
+        for i, ((t, traj), truth) in enumerate(zip(trajectory, from_truth))
+    ]
+    rows.append({"step": "final", "t": 0, "trajectory": fidelity(final), "from_truth": None})
+    for r in rows:
+        r.update(model=args.model, samples=n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    report(args.name, rows, ["step", "t", "trajectory", "from_truth"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
