@@ -590,6 +590,21 @@ def test_edge_weights_mark_the_outline_on_both_sides_and_nothing_else():
     assert (we & b.mask).any() and (we & ~b.mask).any()
 
 
+def test_self_correction_starts_higher_and_a_shared_set_starts_together():
+    from concord.micro.train import _higher_timesteps, _step_timesteps
+
+    g = torch.Generator().manual_seed(3)
+    for shared in (False, True):
+        t = _step_timesteps(g, 60, 6, shared, 1000)
+        hi = _higher_timesteps(g, t, 6, shared, 1000)
+        assert hi.dtype == t.dtype and hi.shape == t.shape
+        assert bool((hi >= t).all()) and bool((hi <= 999).all()) and bool((hi > t).any())
+        per_set = hi.view(10, 6)
+        assert bool((per_set == per_set[:, :1]).all()) == shared
+    top = torch.full((4,), 999)
+    assert torch.equal(_higher_timesteps(g, top, 1, False, 1000), top)  # nothing above the top
+
+
 def test_own_trajectory_input_takes_every_pixel_back_to_the_clean_image():
     from concord.micro.model import build_scheduler
     from concord.micro.train import own_trajectory_input, self_correction_weight

@@ -146,6 +146,18 @@ def _step_timesteps(gen, n: int, views: int, shared: bool, T: int):
     return torch.randint(0, T, (n,), generator=gen)
 
 
+def _higher_timesteps(gen, t, views: int, shared: bool, T: int):
+    """For each image's timestep t (n,), a draw t' uniform in [t, T - 1]: where the self-correction's input starts
+    (`own_trajectory_input`). With `shared`, one draw per set of `views` consecutive images (whose t is shared too,
+    `_step_timesteps`), so the set's views start at one noise level as they are sampled."""
+    import torch
+
+    if shared and views > 1:
+        per = t.view(-1, views)[:, 0]
+        return (per + (torch.rand(per.shape, generator=gen) * (T - per)).long()).repeat_interleave(views)
+    return t + (torch.rand(t.shape, generator=gen) * (T - t)).long()
+
+
 def _step_bias(cfg: TrainConfig, step: int, data, views: int, latent_hw: tuple[int, int]):
     """The step's correspondence-weighted attention (``concord.attention.extended.CorrespondenceBias``) or None:
     with ``cfg.correspondence`` set, a multi-view step draws one strength from it (seeded by the step, exact on
@@ -524,7 +536,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             if _self_correct_at(cfg, step):
                 # the views' own prediction at a higher t (a draw between t and T - 1 per image), one DDIM step
                 # down to t on the background pixels (`own_trajectory_input`)
-                t_hi = t + (torch.rand(t.shape, generator=gen) * (T - t).cpu()).long().to(device)
+                t_hi = _higher_timesteps(gen, t.cpu(), views, cfg.set_timesteps == "shared", T).to(device)
                 abar_hi = alphas_cumprod[t_hi].view(-1, 1, 1, 1)
                 eps_hi = torch.randn(x0.shape, generator=gen).to(device)
                 x_hi = abar_hi.sqrt() * x0 + (1.0 - abar_hi).sqrt() * eps_hi
