@@ -28,11 +28,10 @@ from _common import quiet_diffusion, report  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     quiet_diffusion()
-    import numpy as np
     import torch
 
-    from concord.micro.data import BACKGROUND, generate_batch
-    from concord.micro.evaluate import BACKGROUND_TOLERANCE
+    from concord.micro.data import generate_batch
+    from concord.micro.evaluate import background_fidelity
     from concord.micro.model import DEFAULT_WEIGHTS, load_micro, micro_parts
     from concord.pipelines.depth_image import depth_to_control
     from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, sample, x0_from_output
@@ -59,12 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = micro_parts(pipe)
     den, codec = parts.denoiser, parts.codec
     b = generate_batch(args.samples, args.seed, index=0, height=64, width=64, split="eval")
-    background = ~b.mask
 
     def fidelity(x0: torch.Tensor) -> float:
-        img = codec.decode(x0).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        ok = (np.abs(img - BACKGROUND).max(-1) <= BACKGROUND_TOLERANCE) & background
-        return float(ok.sum() / background.sum())
+        return background_fidelity(codec.decode(x0).clamp(0, 1).permute(0, 2, 3, 1).numpy(), b.mask)
 
     n = args.samples
     embs = [parts.text_embeddings(prompt, "", guidance=True) for prompt in b.prompts]  # each [uncond, cond]

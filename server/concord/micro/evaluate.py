@@ -38,6 +38,7 @@ from concord.micro.data import BACKGROUND, COLOURS, COLOUR_NAMES, PATTERNS, Micr
 __all__ = [
     "TARGETS",
     "BACKGROUND_TOLERANCE",
+    "background_fidelity",
     "PatternClassifier",
     "pattern_features",
     "train_pattern_classifier",
@@ -232,6 +233,14 @@ def default_classifier(seed: int = 0, size: int = 64) -> PatternClassifier:
 # Scoring
 
 
+def background_fidelity(images: np.ndarray, mask: np.ndarray, tolerance: float = BACKGROUND_TOLERANCE) -> float:
+    """The share of background pixels (~mask) of `images` (N, H, W, 3) in [0, 1] whose every channel lies within
+    `tolerance` of the background grey."""
+    bg = ~np.asarray(mask, bool)
+    ok = (np.abs(np.asarray(images, np.float32) - BACKGROUND).max(-1) <= tolerance) & bg
+    return float(ok.sum() / max(1, bg.sum()))
+
+
 def score(
     batch: MicroBatch,
     images: np.ndarray,
@@ -258,9 +267,7 @@ def score(
         out["pair_colour_accuracy"] = float((top2 == want).all(1).mean())
     else:
         out["pair_colour_accuracy"] = None
-    bg = ~mask
-    ok = (np.abs(images - BACKGROUND).max(-1) <= tolerance) & bg
-    out["background_fidelity"] = float(ok.sum() / max(1, bg.sum()))
+    out["background_fidelity"] = background_fidelity(images, mask, tolerance)
     out["background_tolerance"] = tolerance
     if classifier is not None:
         pred = classifier.predict(images, mask)

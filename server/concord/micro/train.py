@@ -219,14 +219,15 @@ def own_trajectory_input(x_t, x0, v_hat_hi, abar_hi, abar_lo, eps_lo, own):
     (x_in, v_target)."""
     import torch
 
-    s_hi, n_hi = abar_hi.sqrt(), (1.0 - abar_hi).sqrt()
+    from concord.pipelines.sampler import output_from_x0, x0_from_output
+
+    x0_hat = x0_from_output(v_hat_hi, x_t, abar_hi, "v_prediction")
+    eps_hat = (1.0 - abar_hi).sqrt() * x_t + abar_hi.sqrt() * v_hat_hi  # exact in v form, even where abar_hi -> 1
     s_lo, n_lo = abar_lo.sqrt(), (1.0 - abar_lo).sqrt()
-    x0_hat = s_hi * x_t - n_hi * v_hat_hi
-    eps_hat = n_hi * x_t + s_hi * v_hat_hi
     x_own = s_lo * x0_hat + n_lo * eps_hat
     x_fwd = s_lo * x0 + n_lo * eps_lo
     x_in = torch.where(own, x_own, x_fwd)
-    return x_in, (s_lo * x_in - x0) / n_lo
+    return x_in, output_from_x0(x0, x_in, abar_lo, "v_prediction")
 
 
 def self_correction_weight(abar, cap: float):
@@ -381,6 +382,11 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     T = len(alphas_cumprod)
     codec = micro_codec()
 
+    def latent_layout(per_pixel: np.ndarray):
+        """A per-pixel map (N, H, W) in the codec's pixel-unshuffle layout (N, 3 colours x 2x2 pixels, H/2, W/2)."""
+        m = torch.from_numpy(per_pixel)[:, None].expand(-1, 3, -1, -1)
+        return torch.nn.functional.pixel_unshuffle(m, FACTOR).to(device)
+
     step, samples, train_seconds = 0, 0, 0.0
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -530,9 +536,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             emb = text_encoder(ids)[0]
             bias = _step_bias(cfg, step, data, views, tuple(x_t.shape[-2:]))
             w = None
-            if cfg.edge_weight != 1.0:  # the weights follow the codec's pixel-unshuffle layout (3 colours x 2x2 pixels)
-                w = torch.from_numpy(edge_weights(data.mask, cfg.edge_weight))[:, None].expand(-1, 3, -1, -1)
-                w = torch.nn.functional.pixel_unshuffle(w, FACTOR).to(device)
+            if cfg.edge_weight != 1.0:
+                w = latent_layout(edge_weights(data.mask, cfg.edge_weight))
             if _self_correct_at(cfg, step):
                 # the views' own prediction at a higher t (a draw between t and T - 1 per image), one DDIM step
                 # down to t on the background pixels (`own_trajectory_input`)
@@ -543,8 +548,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 with torch.no_grad(), extended_attention([unet] if views > 1 else [], views, bias=bias):
                     v_hat = unet(torch.cat([x_hi, cond], 1), t_hi, encoder_hidden_states=emb.detach(),
                                  return_dict=False)[0].float()
-                bg = torch.from_numpy(~data.mask)[:, None].expand(-1, 3, -1, -1).float()
-                own = torch.nn.functional.pixel_unshuffle(bg, FACTOR).to(device) > 0.5
+                own = latent_layout((~data.mask).astype(np.float32)) > 0.5
                 x_t, v = own_trajectory_input(x_hi, x0, v_hat, abar_hi, abar, eps, own)
                 w_own = torch.where(own, self_correction_weight(abar, cfg.self_correct_snr_cap), 1.0)
                 w = w_own if w is None else w * w_own
