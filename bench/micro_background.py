@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from concord.micro.evaluate import background_fidelity
     from concord.micro.model import DEFAULT_WEIGHTS, load_micro, micro_parts
     from concord.pipelines.depth_image import depth_to_control
-    from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, sample, x0_from_output
+    from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, guided_output, sample, x0_from_output
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     control = torch.cat([den.prepare_control(torch.from_numpy(depth_to_control(d))[None, None], latent_hw) for d in b.depth])
     control = torch.cat([control, control])
 
-    def model_output(xin, t):  # classifier-free guidance over [uncond, cond] (Ho & Salimans 2022)
-        out = den.predict(torch.cat([xin, xin]), t, emb, control).float()
-        u, c = out.chunk(2)
-        return u + args.guidance * (c - u)
+    def model_output(xin, t):  # classifier-free guidance over [uncond, cond]
+        return guided_output(den.predict(torch.cat([xin, xin]), t, emb, control).float(), args.guidance)
 
     x0_true = codec.encode(torch.from_numpy(b.images).permute(0, 3, 1, 2)).float()
     gen = torch.Generator().manual_seed(args.seed)

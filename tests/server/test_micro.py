@@ -330,9 +330,10 @@ def test_shipped_micro_model_meets_targets():
     # a 48-sample estimate: targets with a margin for sampling error (the bench measures 200+ samples)
     assert res["plain_colour_accuracy"] >= TARGETS["plain_colour_accuracy"] - 0.1, res
     assert res["pair_colour_accuracy"] >= TARGETS["pair_colour_accuracy"] - 0.1, res
-    # The 0.99 background target is NOT met by the shipped weights (0.978 on 200 samples, bench/results/
-    # micro_eval.json; docs/micro-model.md): this bound guards what they do reach against regressions.
-    assert res["background_fidelity"] >= 0.97, res
+    # The 0.99 background target is NOT met by the shipped weights (0.985 on 200 samples, bench/results/
+    # micro_eval.json; docs/micro-model.md): this bound guards what they do reach against regressions -- the
+    # stage 3 without self-correction (attempt 7, 0.977-0.978) would fail it.
+    assert res["background_fidelity"] >= 0.98, res
     assert res["pattern_accuracy"] >= TARGETS["pattern_accuracy"] - 0.1, res
 
 

@@ -18,7 +18,15 @@ from concord.models.registry import offline_status
 from concord.pipelines import texture as T
 from concord.pipelines.denoiser import ConcatDenoiser, ControlNetDenoiser, denoiser_from_model, ddim_step, eps_from_x0
 from concord.pipelines.depth_image import depth_to_control
-from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, output_from_x0, sample, x0_from_output
+from concord.pipelines.sampler import (
+    Hooks,
+    abar_at,
+    fresh_scheduler,
+    guided_output,
+    output_from_x0,
+    sample,
+    x0_from_output,
+)
 
 BOX = Path(__file__).resolve().parents[1] / "fixtures" / "meshes" / "boxtextured" / "BoxTextured.glb"
 PROMPT = "a wooden crate"
@@ -129,6 +137,20 @@ def test_x0_output_conversion_round_trips(ptype):
     for abar in (0.999, 0.5, 0.01):
         assert torch.allclose(output_from_x0(x0_from_output(out, x_t, abar, ptype), x_t, abar, ptype), out, atol=1e-12)
         assert torch.allclose(x0_from_output(output_from_x0(x0, x_t, abar, ptype), x_t, abar, ptype), x0, atol=1e-12)
+
+
+def test_guided_output_spans_the_unconditional_and_conditional_halves():
+    g = torch.Generator().manual_seed(1)
+    u, c = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    out = torch.cat([u, c])
+    assert torch.equal(guided_output(out, 0.0), u)
+    assert torch.allclose(guided_output(out, 1.0), c, atol=1e-12)
+    # linear in g: the guided outputs at g = 0, 1, 2, 3 are equally spaced by (c - u)
+    steps = [guided_output(out, gs) for gs in (0.0, 1.0, 2.0, 3.0)]
+    for a, b in zip(steps, steps[1:]):
+        assert torch.allclose(b - a, c - u, atol=1e-12)
+    with pytest.raises(ValueError, match="halves"):
+        guided_output(torch.randn(3, 4), 2.0)
 
 
 def test_modified_x0_goes_through_the_scheduler_as_the_synced_ddim_step(tiny_model, views):

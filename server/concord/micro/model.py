@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from concord.micro.data import VOCABULARY
 from concord.pipelines.denoiser import ConcatDenoiser, DiffusionParts, PixelUnshuffleCodec
+from concord.pipelines.sampler import guided_output
 
 __all__ = [
     "MicroConfig",
@@ -422,8 +423,7 @@ class MicroPipeline(DiffusionPipeline):
             model_in = torch.cat([x.to(self.unet.dtype), cond_in], dim=1)
             out = self.unet(model_in, t, encoder_hidden_states=emb, return_dict=False)[0].float()
             if do_cfg:
-                out_u, out_c = out.chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)
+                out = guided_output(out, guidance_scale)
             latents = self.scheduler.step(out, t, latents, generator=generator, return_dict=False)[0]
             if callback_on_step_end is not None:
                 local = {"latents": latents}

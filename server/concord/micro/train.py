@@ -468,6 +468,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "edge_weight": cfg.edge_weight,
             "correspondence": list(cfg.correspondence),
             "self_correct": cfg.self_correct,
+            "self_correct_snr_cap": cfg.self_correct_snr_cap,
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
             + (f" --preset {cfg.preset}" if cfg.preset != "micro" else "")
             + (f" --batch {cfg.batch}" if cfg.batch else "")

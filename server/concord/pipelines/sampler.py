@@ -37,6 +37,7 @@ __all__ = [
     "abar_at",
     "x0_from_output",
     "output_from_x0",
+    "guided_output",
     "SCHEDULER_PREDICTION_TYPES",
 ]
 
@@ -84,6 +85,18 @@ def output_from_x0(x0: torch.Tensor, x_t: torch.Tensor, abar, prediction_type: s
     if prediction_type == "v_prediction":
         return sa * eps - sb * x0
     raise ValueError(f"prediction_type must be one of {SCHEDULER_PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+# Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6, written with
+# w = g - 1):   out = out_u + g (out_c - out_u)
+# on a batch that holds the unconditional half first and the conditional half second; g = 1 is the conditional
+# output, g = 0 the unconditional one. Linear in the output, so it holds for epsilon, v and x0 predictions alike.
+def guided_output(out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The guided model output from a batch `out` = [unconditional; conditional] (two equal halves along dim 0)."""
+    if out.shape[0] % 2:
+        raise ValueError(f"guided_output: a batch of {out.shape[0]} is not an [unconditional; conditional] pair of halves")
+    u, c = out.chunk(2)
+    return u + guidance * (c - u)
 
 
 def abar_at(scheduler, t) -> float:

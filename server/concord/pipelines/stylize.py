@@ -328,7 +328,7 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
     from concord.noise.frame_stream import FrameNoiseStream, NoiseSpec
     from concord.pipelines.depth_image import depth_to_control
     from concord.pipelines.job_setup import job_scheduler, prepare_job
-    from concord.pipelines.sampler import Hooks, fresh_scheduler, sample
+    from concord.pipelines.sampler import Hooks, fresh_scheduler, guided_output, sample
 
     t_all = time.perf_counter()
     n, H, W = len(source), source.height, source.width
@@ -397,10 +397,7 @@ def stylize(model, params: StylizeParams, source: FrameSource, work: Path, ctx: 
             calls["denoiser"] += 1
             xin = xin.repeat(groups, 1, 1, 1)
             out = den.predict(xin, t, emb, control_in).float()
-            if cfg:  # classifier-free guidance (Ho & Salimans 2022): out_u + g (out_c - out_u)
-                u, c = out.chunk(2)
-                out = u + r.guidance * (c - u)
-            return out
+            return guided_output(out, r.guidance) if cfg else out
         return model_output
 
     def control_for(depth: np.ndarray, count: int):

@@ -350,7 +350,7 @@ def run(
     from concord.geometry.viewset import ViewSet
     from concord.models.recommended import view_size_note
     from concord.pipelines.job_setup import job_scheduler, prepare_job
-    from concord.pipelines.sampler import Hooks, sample
+    from concord.pipelines.sampler import Hooks, guided_output, sample
 
     timings: dict[str, float] = {}
     c = params.consistency
@@ -412,10 +412,7 @@ def run(
         out = den.predict(xin, t, emb, control_in).float()
         if grid:
             out = torch.cat([untile_views(o[None], rows, cols) for o in out])
-        if cfg:  # classifier-free guidance (Ho & Salimans 2022): out_u + g (out_c - out_u)
-            u, cnd = out.chunk(2)
-            out = u + params.guidance * (cnd - u)
-        return out
+        return guided_output(out, params.guidance) if cfg else out
 
     def decode(latents):
         return codec.decode(latents)
