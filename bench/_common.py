@@ -38,6 +38,38 @@ def quiet_diffusion() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def add_micro_arguments(parser, samples: int, name: str) -> None:
+    """The options every micro-model bench shares, with one set of defaults (the model card's evaluation setting:
+    held-out `eval` samples, 20 DDIM steps, guidance 2, seed 1234, two threads), so their figures line up."""
+    from concord.micro.model import DEFAULT_WEIGHTS
+
+    parser.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0,
+                        help="classifier-free guidance (2 measured best: docs/micro-model.md)")
+    parser.add_argument("--seed", type=int, default=1234, help="eval split seed (the noise is seeded from it too)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=name, help="results file name (bench/results/NAME.json)")
+
+
+def load_micro_for_bench(args, prog: str, device: str = "cpu"):
+    """torch on --threads, then the --model weights; None (after one error line on stderr) if there are none."""
+    import sys
+
+    import torch
+
+    from concord.micro.model import load_micro
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return load_micro(args.model, device=device)
+    except FileNotFoundError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def timed(fn, repeat: int = 5, warmup: int = 1) -> dict:
     for _ in range(warmup):
         fn()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import quiet_diffusion, report  # noqa: E402
+from _common import add_micro_arguments, load_micro_for_bench, quiet_diffusion, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,28 +32,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from concord.micro.data import generate_batch
     from concord.micro.evaluate import background_fidelity
-    from concord.micro.model import DEFAULT_WEIGHTS, load_micro, micro_parts
+    from concord.micro.model import micro_parts
     from concord.pipelines.depth_image import depth_to_control
     from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, guided_output, sample, x0_from_output
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
-    p.add_argument("--samples", type=int, default=48)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=1234, help="eval split seed (the noise is seeded from it too)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--name", default="micro_background", help="results file name (bench/results/NAME.json)")
+    add_micro_arguments(p, samples=48, name="micro_background")
     args = p.parse_args(argv)
     if args.samples < 1 or args.steps < 1:
         print("micro_background: error: --samples and --steps must be >= 1", file=sys.stderr)
         return 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        pipe = load_micro(args.model)
-    except FileNotFoundError as exc:
-        print(f"micro_background: error: {exc}", file=sys.stderr)
+    pipe = load_micro_for_bench(args, "micro_background")
+    if pipe is None:
         return 2
     parts = micro_parts(pipe)
     den, codec = parts.denoiser, parts.codec

@@ -16,34 +16,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import quiet_diffusion, report  # noqa: E402
+from _common import add_micro_arguments, load_micro_for_bench, quiet_diffusion, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_diffusion()
-    import torch
 
     from concord.micro.evaluate import TARGETS, evaluate
-    from concord.micro.model import DEFAULT_WEIGHTS, count_parameters, load_micro
+    from concord.micro.model import count_parameters
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_WEIGHTS), help="a MicroPipeline folder (default: the shipped weights)")
-    p.add_argument("--samples", type=int, default=200)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (2 measured best: docs/micro-model.md)")
-    p.add_argument("--seed", type=int, default=1234)
+    add_micro_arguments(p, samples=200, name="micro_eval")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--name", default="micro_eval", help="results file name (bench/results/NAME.json)")
     args = p.parse_args(argv)
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        pipe = load_micro(args.model, device=args.device)
-    except FileNotFoundError as exc:
-        print(f"micro_eval: error: {exc}", file=sys.stderr)
+    pipe = load_micro_for_bench(args, "micro_eval", device=args.device)
+    if pipe is None:
         return 2
     res = evaluate(pipe, n_samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch)
 
