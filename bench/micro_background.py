@@ -9,7 +9,12 @@ the grey, on the pixels the depth calls background):
 - `trajectory`: the guided x0 prediction along an ordinary sampling run (the project's one sampler loop,
   `concord.pipelines.sampler.sample`, read through its `after_x0` hook, which changes nothing);
 - `from_truth`: the x0 prediction for the ground truth noised to that step's t by the forward process -- the
-  input the model was trained on.
+  input the model was trained on;
+- `one_step`: the x0 prediction for the input that self-correction (`concord.micro.train.own_trajectory_input`,
+  `--self-correct`) trains on at that t: the ground truth noised to a higher t' (one uniform draw in [t, 999] per
+  sample), the model's x0 prediction there, and one DDIM step down to t on the background pixels (the object's
+  pixels from the forward process). It tells whether a model that keeps a bleed along its trajectory has learned to
+  remove the bleed of the inputs it was trained to correct.
 The final sample's fidelity is `bench/micro_eval.py`'s figure. A trajectory that stays below `from_truth` at low
 noise means the model keeps what earlier steps painted (exposure bias) rather than failing on clean inputs.
 Prints a table and writes bench/results/NAME.json.
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from concord.micro.data import generate_batch
     from concord.micro.evaluate import background_fidelity
     from concord.micro.model import micro_parts
+    from concord.micro.train import latent_layout, own_trajectory_input
     from concord.pipelines.depth_image import depth_to_control
     from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, guided_output, sample, x0_from_output
 
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     control = torch.cat([den.prepare_control(torch.from_numpy(depth_to_control(d))[None, None], latent_hw) for d in b.depth])
     control = torch.cat([control, control])
 
-    def model_output(xin, t):  # classifier-free guidance over [uncond, cond]
+    def model_output(xin, t):  # classifier-free guidance over [uncond, cond]; t a timestep or one per [uncond, cond] row
         return guided_output(den.predict(torch.cat([xin, xin]), t, emb, control).float(), args.guidance)
 
     x0_true = codec.encode(torch.from_numpy(b.images).permute(0, 3, 1, 2)).float()
@@ -77,19 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         sched = fresh_scheduler(pipe.scheduler)
         sched.set_timesteps(args.steps)
         ptype = sched.config.get("prediction_type", "epsilon")
-        from_truth = []
+        from_truth, one_step = [], []
+        own = latent_layout(~b.mask) > 0.5  # the background pixels, in the latents' layout
+        abar_all = sched.alphas_cumprod.float()
+        T = len(abar_all)
         for t in sched.timesteps:
             x_t = sched.add_noise(x0_true, noise, t.repeat(n))
             xin = sched.scale_model_input(x_t, t)
             from_truth.append(fidelity(x0_from_output(model_output(xin, t), xin, abar_at(sched, t), ptype)))
+            # the self-correction's training input at t (v-prediction models only: the training's parametrisation)
+            if ptype != "v_prediction":
+                one_step.append(None)
+                continue
+            t_hi = int(t) + (torch.rand(n, generator=gen) * (T - int(t))).long()
+            abar_hi = abar_all[t_hi].view(-1, 1, 1, 1)
+            x_hi = abar_hi.sqrt() * x0_true + (1.0 - abar_hi).sqrt() * torch.randn(x0_true.shape, generator=gen)
+            v_hi = model_output(x_hi, torch.cat([t_hi, t_hi]))  # one t' per sample, for [uncond, cond] alike
+            x_in, _ = own_trajectory_input(x_hi, x0_true, v_hi, abar_hi, abar_all[int(t)].view(1, 1, 1, 1), noise, own)
+            one_step.append(fidelity(x0_from_output(model_output(x_in, t), x_in, abar_at(sched, t), ptype)))
     rows = [
-        {"step": i, "t": t, "trajectory": traj, "from_truth": truth}
-        for i, ((t, traj), truth) in enumerate(zip(trajectory, from_truth))
+        {"step": i, "t": t, "trajectory": traj, "from_truth": truth, "one_step": own_fid}
+        for i, ((t, traj), truth, own_fid) in enumerate(zip(trajectory, from_truth, one_step))
     ]
-    rows.append({"step": "final", "t": 0, "trajectory": fidelity(final), "from_truth": None})
+    rows.append({"step": "final", "t": 0, "trajectory": fidelity(final), "from_truth": None, "one_step": None})
     for r in rows:
         r.update(model=args.model, samples=n, steps=args.steps, guidance=args.guidance, seed=args.seed)
-    report(args.name, rows, ["step", "t", "trajectory", "from_truth"])
+    report(args.name, rows, ["step", "t", "trajectory", "from_truth", "one_step"])
     return 0
 
 

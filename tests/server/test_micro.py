@@ -606,6 +606,26 @@ def test_self_correction_starts_higher_and_a_shared_set_starts_together():
     assert torch.equal(_higher_timesteps(g, top, 1, False, 1000), top)  # nothing above the top
 
 
+def test_latent_layout_puts_each_pixel_where_the_codec_puts_its_colours():
+    from concord.micro.model import micro_codec
+    from concord.micro.train import latent_layout
+
+    rng = np.random.default_rng(3)
+    per_pixel = rng.random((2, 8, 6)).astype(np.float32)
+    lay = latent_layout(per_pixel)
+    # an image whose three channels all hold the map encodes to 2 map - 1 in every one of the pixel's latents
+    enc = micro_codec().encode(torch.from_numpy(per_pixel)[:, None].expand(-1, 3, -1, -1))
+    assert lay.shape == enc.shape == (2, 12, 4, 3)
+    torch.testing.assert_close(lay, (enc + 1) / 2, rtol=0, atol=1e-6)
+    # a mask selects exactly the latents of its pixels
+    mask = rng.random((2, 8, 6)) < 0.3
+    sel = latent_layout(mask) > 0.5
+    img = torch.zeros(2, 3, 8, 6)
+    img[torch.from_numpy(mask)[:, None].expand(-1, 3, -1, -1)] = 1.0
+    assert torch.equal(sel, micro_codec().encode(img) > 0)
+    assert int(sel.sum()) == 3 * int(mask.sum())
+
+
 def test_own_trajectory_input_takes_every_pixel_back_to_the_clean_image():
     from concord.micro.model import build_scheduler
     from concord.micro.train import own_trajectory_input, self_correction_weight

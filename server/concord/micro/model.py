@@ -120,6 +120,12 @@ PRESET_CONFIGS: dict[str, MicroConfig] = {
     # The first shipped model: attention at 8x8 and in the middle only. Stage 1 of the shipped model's training
     # (docs/micro-model.md): `--init-from` grows it into "micro" without changing what it computes.
     "micro-v1": MicroConfig(down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")),
+    # Micro attempt 14 (docs/micro-model.md): the 32x32 level -- the finest, where a token's 2x2 pixels must be told
+    # apart at the silhouette -- widened from 48 to 64 channels; "-v1" is its first stage, as above.
+    "micro-w64": MicroConfig(block_out_channels=(64, 96, 96)),
+    "micro-w64-v1": MicroConfig(
+        block_out_channels=(64, 96, 96), down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    ),
     "test": MicroConfig(
         block_out_channels=(16, 32, 32),
         attention_head_dim=8,

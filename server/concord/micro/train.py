@@ -230,6 +230,17 @@ def own_trajectory_input(x_t, x0, v_hat_hi, abar_hi, abar_lo, eps_lo, own):
     return x_in, output_from_x0(x0, x_in, abar_lo, "v_prediction")
 
 
+def latent_layout(per_pixel: np.ndarray):
+    """A per-pixel map (N, H, W) in micro's pixel-unshuffle latent layout (N, 3 colours x 2x2 pixels, H/2, W/2), as
+    a float tensor: where each pixel's three colour values sit in the codec's latents."""
+    import torch
+
+    from concord.micro.model import FACTOR
+
+    m = torch.from_numpy(np.asarray(per_pixel, np.float32))[:, None].expand(-1, 3, -1, -1)
+    return torch.nn.functional.pixel_unshuffle(m, FACTOR)
+
+
 def self_correction_weight(abar, cap: float):
     """Loss weight, on the v error, of a pixel trained on the model's own trajectory: min(SNR, cap) / (SNR + 1) with
     SNR = abar / (1 - abar). The v error of such a pixel is its x0 error times 1 / sqrt(1 - abar) = sqrt(SNR + 1),
@@ -354,7 +365,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
 
     from concord.attention import extended_attention
     from concord.micro.data import generate_batch, generate_view_sets
-    from concord.micro.model import FACTOR, build_components, micro_codec, micro_conditioning, tokenize
+    from concord.micro.model import build_components, micro_codec, micro_conditioning, tokenize
 
     out = Path(cfg.out)
     ckpt_path, log_path = out / CHECKPOINT, out / LOSS_LOG
@@ -381,11 +392,6 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     alphas_cumprod = comps["scheduler"].alphas_cumprod.to(device=device, dtype=torch.float32)
     T = len(alphas_cumprod)
     codec = micro_codec()
-
-    def latent_layout(per_pixel: np.ndarray):
-        """A per-pixel map (N, H, W) in the codec's pixel-unshuffle layout (N, 3 colours x 2x2 pixels, H/2, W/2)."""
-        m = torch.from_numpy(per_pixel)[:, None].expand(-1, 3, -1, -1)
-        return torch.nn.functional.pixel_unshuffle(m, FACTOR).to(device)
 
     step, samples, train_seconds = 0, 0, 0.0
     if cfg.resume and ckpt_path.exists():
@@ -538,7 +544,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             bias = _step_bias(cfg, step, data, views, tuple(x_t.shape[-2:]))
             w = None
             if cfg.edge_weight != 1.0:
-                w = latent_layout(edge_weights(data.mask, cfg.edge_weight))
+                w = latent_layout(edge_weights(data.mask, cfg.edge_weight)).to(device)
             if _self_correct_at(cfg, step):
                 # the views' own prediction at a higher t (a draw between t and T - 1 per image), one DDIM step
                 # down to t on the background pixels (`own_trajectory_input`)
@@ -549,7 +555,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 with torch.no_grad(), extended_attention([unet] if views > 1 else [], views, bias=bias):
                     v_hat = unet(torch.cat([x_hi, cond], 1), t_hi, encoder_hidden_states=emb.detach(),
                                  return_dict=False)[0].float()
-                own = latent_layout((~data.mask).astype(np.float32)) > 0.5
+                own = latent_layout((~data.mask).astype(np.float32)).to(device) > 0.5
                 x_t, v = own_trajectory_input(x_hi, x0, v_hat, abar_hi, abar, eps, own)
                 w_own = torch.where(own, self_correction_weight(abar, cfg.self_correct_snr_cap), 1.0)
                 w = w_own if w is None else w * w_own
