@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from concord.micro.data import generate_batch
     from concord.micro.evaluate import background_fidelity
     from concord.micro.model import micro_parts
-    from concord.micro.train import latent_layout, own_trajectory_input
+    from concord.micro.train import _higher_timesteps, latent_layout, own_trajectory_input
     from concord.pipelines.depth_image import depth_to_control
     from concord.pipelines.sampler import Hooks, abar_at, fresh_scheduler, guided_output, sample, x0_from_output
 
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             if ptype != "v_prediction":
                 one_step.append(None)
                 continue
-            t_hi = int(t) + (torch.rand(n, generator=gen) * (T - int(t))).long()
+            t_hi = _higher_timesteps(gen, t.repeat(n), 1, False, T)  # the trainer's own draw of t'
             abar_hi = abar_all[t_hi].view(-1, 1, 1, 1)
-            x_hi = abar_hi.sqrt() * x0_true + (1.0 - abar_hi).sqrt() * torch.randn(x0_true.shape, generator=gen)
+            x_hi = sched.add_noise(x0_true, torch.randn(x0_true.shape, generator=gen), t_hi)
             v_hi = model_output(x_hi, torch.cat([t_hi, t_hi]))  # one t' per sample, for [uncond, cond] alike
             x_in, _ = own_trajectory_input(x_hi, x0_true, v_hi, abar_hi, abar_all[int(t)].view(1, 1, 1, 1), noise, own)
             one_step.append(fidelity(x0_from_output(model_output(x_in, t), x_in, abar_at(sched, t), ptype)))

@@ -555,7 +555,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 with torch.no_grad(), extended_attention([unet] if views > 1 else [], views, bias=bias):
                     v_hat = unet(torch.cat([x_hi, cond], 1), t_hi, encoder_hidden_states=emb.detach(),
                                  return_dict=False)[0].float()
-                own = latent_layout((~data.mask).astype(np.float32)).to(device) > 0.5
+                own = latent_layout(~data.mask).to(device) > 0.5
                 x_t, v = own_trajectory_input(x_hi, x0, v_hat, abar_hi, abar, eps, own)
                 w_own = torch.where(own, self_correction_weight(abar, cfg.self_correct_snr_cap), 1.0)
                 w = w_own if w is None else w * w_own
