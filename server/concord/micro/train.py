@@ -12,8 +12,11 @@ Objective: v-prediction (Salimans & Ho 2022, "Progressive Distillation", section
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
     loss = E_{x0, eps, t ~ U{0..T-1}} || v_theta([x_t, c], t, text) - v ||^2        (mean over pixels)
 (`--edge-weight` makes the mean a weighted one, heavier on object outlines: `edge_weights`; `--self-correct`
-trains a share of steps' background pixels on the model's own sampling trajectory: `own_trajectory_input`)
+trains a share of steps' background pixels on the model's own sampling trajectory: `own_trajectory_input`;
+`--loss-weight-cap C` caps every pixel's x0-loss weight at C: `capped_loss_weight`)
 with the prompt dropped (replaced by "") for 10 % of samples so classifier-free guidance works (Ho & Salimans 2022).
+A model with a pixel head (preset micro-head) predicts v through it (`concord.micro.model.micro_predict`);
+`--train-only head` trains the head alone on a frozen UNet and text encoder (the shipped model's fourth stage).
 UNet and text encoder train together with AdamW (Loshchilov & Hutter 2019), linear warm-up, gradient norm clipped
 at 1; an exponential moving average of the weights (Polyak averaging; diffusers' `EMAModel` with warm-up
 decay 1 - (1 + step)^-3/4, capped at `--ema-decay`) is what gets saved: EMA weights sample markedly better than
@@ -78,7 +81,8 @@ class TrainConfig:
     init_from: str | None = None  # a save_pretrained folder to start from (warm start; see `_warm_start`)
     views: int = 1  # > 1: multi-view steps on sets of this many views with extended attention installed
     single_share: float = 0.25  # with views > 1: the share of steps that train on single images (V = 1)
-    train_only: str = "all"  # "all", or "attention": only the UNet's attention blocks train (the rest is frozen)
+    # "all"; "attention": only the UNet's attention blocks train; "head": only the pixel head (`MicroPixelHead`)
+    train_only: str = "all"
     open_share: float = 0.0  # the share of objects whose prompt leaves the colours open (`data.open_prompt`)
     set_timesteps: str = "independent"  # multi-view sets: "independent" (a t per view) or "shared" (one t per set)
     edge_weight: float = 1.0  # loss weight of pixels on the object's outline (`edge_weights`); 1 = plain mean
@@ -87,6 +91,7 @@ class TrainConfig:
     # the share of steps whose background pixels start from the model's own prediction (`own_trajectory_input`)
     self_correct: float = 0.0
     self_correct_snr_cap: float = 5.0  # min-SNR cap of those pixels' loss weight (`self_correction_weight`)
+    loss_weight_cap: float | None = None  # every pixel's x0-loss weight min(SNR + 1, cap) (`capped_loss_weight`)
 
 
 class TrainError(ValueError):
@@ -251,6 +256,17 @@ def self_correction_weight(abar, cap: float):
     return snr.clamp(max=cap) / (snr + 1.0)
 
 
+def capped_loss_weight(abar, cap: float):
+    """Loss weight, on the v error, that caps the x0 error's weight at `cap`: min(1, cap / (SNR + 1)).
+
+    The plain v loss is the x0 loss weighted SNR + 1 (v - v_hat = (x0_hat - x0) / sqrt(1 - abar); Salimans & Ho
+    2022, section 4, "SNR+1" weighting), which near t = 0 reaches 1 / (1 - abar) ~ 2.5e4 under the cosine schedule.
+    A part that only corrects x0 (the pixel head, `--train-only head`) would then be trained almost entirely on
+    nearly clean inputs, where there is nothing to correct; capping the weight, as min-SNR weighting does (Hang et
+    al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), keeps every noise level in play."""
+    return (cap * (1.0 - abar)).clamp(max=1.0)
+
+
 def edge_weights(mask: np.ndarray, weight: float) -> np.ndarray:
     """Per-pixel loss weights (N, H, W) float32: `weight` on the object's outline -- every pixel whose 3x3
     neighbourhood holds both object and background, i.e. the last object pixel and the first background pixel --
@@ -283,7 +299,10 @@ def _warm_start(comps: dict, folder: Path) -> None:
     from concord.micro.model import MicroPipeline
 
     src = MicroPipeline.from_pretrained(str(folder))
-    for name in ("unet", "text_encoder"):
+    names = ("unet", "text_encoder") + (("head",) if comps.get("head") is not None and src.head is not None else ())
+    if src.head is not None and comps.get("head") is None:
+        raise TrainError(f"--init-from {folder}: that model has a pixel head and the preset being trained has none")
+    for name in names:
         target, source = comps[name], getattr(src, name)
         own = target.state_dict()
         theirs = source.state_dict()
@@ -334,8 +353,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise TrainError("--views must be >= 1")
     if not 0.0 <= cfg.single_share <= 1.0:
         raise TrainError("--single-share must be in [0, 1]")
-    if cfg.train_only not in ("all", "attention"):
-        raise TrainError("--train-only must be all or attention")
+    if cfg.train_only not in ("all", "attention", "head"):
+        raise TrainError("--train-only must be all, attention or head")
+    if cfg.train_only == "head" and PRESET_CONFIGS[cfg.preset].head_channels <= 0:
+        raise TrainError(f"--train-only head: preset {cfg.preset} has no pixel head (try micro-head)")
+    if cfg.loss_weight_cap is not None and not cfg.loss_weight_cap >= 1.0:
+        raise TrainError("--loss-weight-cap must be >= 1")
     if cfg.set_timesteps not in ("independent", "shared"):
         raise TrainError("--set-timesteps must be independent or shared")
     if not cfg.edge_weight >= 1.0:
@@ -365,7 +388,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
 
     from concord.attention import extended_attention
     from concord.micro.data import generate_batch, generate_view_sets
-    from concord.micro.model import build_components, micro_codec, micro_conditioning, tokenize
+    from concord.micro.model import build_components, micro_codec, micro_conditioning, micro_predict, tokenize
 
     out = Path(cfg.out)
     ckpt_path, log_path = out / CHECKPOINT, out / LOSS_LOG
@@ -377,9 +400,17 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     if cfg.init_from is not None and not (cfg.resume and ckpt_path.exists()):
         _warm_start(comps, Path(cfg.init_from))
     unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
+    head = comps["head"].to(device) if comps["head"] is not None else None
     unet.train()
     text_encoder.train()
-    if cfg.train_only == "attention":  # the transformer blocks (self/cross attention, feed-forward, their norms)
+    networks_train = cfg.train_only != "head"  # UNet and text encoder run without gradients when only the head trains
+    if cfg.train_only == "head":
+        for m in (unet, text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        head.train()
+        params = list(head.parameters())
+    elif cfg.train_only == "attention":  # the transformer blocks (self/cross attention, feed-forward, their norms)
         for m in (unet, text_encoder):
             m.requires_grad_(False)
         params = [prm for name, prm in unet.named_parameters() if ".attentions." in name]
@@ -387,6 +418,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             prm.requires_grad_(True)
     else:
         params = list(unet.parameters()) + list(text_encoder.parameters())
+        params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     alphas_cumprod = comps["scheduler"].alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -397,12 +429,14 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         same = ("preset", "seed", "views", "single_share", "init_from", "train_only", "open_share", "set_timesteps",
-                "edge_weight", "correspondence", "self_correct", "self_correct_snr_cap")
+                "edge_weight", "correspondence", "self_correct", "self_correct_snr_cap", "loss_weight_cap")
         if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
             written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
         unet.load_state_dict(ck["unet"])
         text_encoder.load_state_dict(ck["text_encoder"])
+        if head is not None:
+            head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         ema.load_state_dict(ck["ema"])
         ema.to(device)
@@ -422,6 +456,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             {
                 "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(),
+                "head": head.state_dict() if head is not None else None,
                 "optimizer": opt.state_dict(),
                 "ema": ema.state_dict(),
                 "step": step,
@@ -446,7 +481,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
         ema.store(params)
         ema.copy_to(params)
         try:
-            pipe = MicroPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=comps["scheduler"])
+            pipe = MicroPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=comps["scheduler"],
+                                 head=head)
             pipe.save_pretrained(out / MODEL_DIR)
         finally:
             ema.restore(params)
@@ -462,7 +498,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "ema_decay": cfg.ema_decay,
             "image_size": cfg.size,
             "device": str(device),
-            "parameters": count_parameters(unet) + count_parameters(text_encoder),
+            "parameters": count_parameters(unet) + count_parameters(text_encoder)
+            + (count_parameters(head) if head is not None else 0),
             "final_loss": final_loss,
             "views": cfg.views,
             "train_only": cfg.train_only,
@@ -475,6 +512,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             "correspondence": list(cfg.correspondence),
             "self_correct": cfg.self_correct,
             "self_correct_snr_cap": cfg.self_correct_snr_cap,
+            "loss_weight_cap": cfg.loss_weight_cap,
             "command": f"concord train-micro --minutes {cfg.minutes:g} --out {cfg.out} --seed {cfg.seed}"
             + (f" --preset {cfg.preset}" if cfg.preset != "micro" else "")
             + (f" --batch {cfg.batch}" if cfg.batch else "")
@@ -489,6 +527,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             + (" --correspondence " + ",".join(f"{b:g}" for b in cfg.correspondence) if cfg.correspondence else "")
             + (f" --self-correct {cfg.self_correct:g}" if cfg.self_correct else "")
             + (f" --self-correct-snr-cap {cfg.self_correct_snr_cap:g}" if cfg.self_correct_snr_cap != 5.0 else "")
+            + (f" --loss-weight-cap {cfg.loss_weight_cap:g}" if cfg.loss_weight_cap is not None else "")
+            + (f" --weight-decay {cfg.weight_decay:g}" if cfg.weight_decay != 0.01 else "")
             + (f" --lr {cfg.lr:g}" if cfg.lr != 1e-3 else ""),
         }
         (out / MODEL_DIR / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -540,7 +580,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
             x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
             v = abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
             ids = tokenize(tokenizer, prompts).to(device)
-            emb = text_encoder(ids)[0]
+            with torch.set_grad_enabled(networks_train):
+                emb = text_encoder(ids)[0]
             bias = _step_bias(cfg, step, data, views, tuple(x_t.shape[-2:]))
             w = None
             if cfg.edge_weight != 1.0:
@@ -553,14 +594,24 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 eps_hi = torch.randn(x0.shape, generator=gen).to(device)
                 x_hi = abar_hi.sqrt() * x0 + (1.0 - abar_hi).sqrt() * eps_hi
                 with torch.no_grad(), extended_attention([unet] if views > 1 else [], views, bias=bias):
-                    v_hat = unet(torch.cat([x_hi, cond], 1), t_hi, encoder_hidden_states=emb.detach(),
-                                 return_dict=False)[0].float()
+                    v_hat = micro_predict(unet, head, alphas_cumprod, torch.cat([x_hi, cond], 1), t_hi,
+                                          emb.detach()).float()
                 own = latent_layout(~data.mask).to(device) > 0.5
                 x_t, v = own_trajectory_input(x_hi, x0, v_hat, abar_hi, abar, eps, own)
                 w_own = torch.where(own, self_correction_weight(abar, cfg.self_correct_snr_cap), 1.0)
                 w = w_own if w is None else w * w_own
             with extended_attention([unet] if views > 1 else [], views, bias=bias):
-                pred = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
+                if networks_train:
+                    pred = micro_predict(unet, head, alphas_cumprod, torch.cat([x_t, cond], 1), t, emb)
+                else:  # only the head trains: the UNet's prediction is a constant input to it
+                    from concord.micro.model import refine_prediction
+
+                    with torch.no_grad():
+                        v_unet = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
+                    pred = refine_prediction(head, v_unet, x_t, cond, abar.view(-1))
+            if cfg.loss_weight_cap is not None:
+                w_cap = capped_loss_weight(abar, cfg.loss_weight_cap).expand_as(v)
+                w = w_cap if w is None else w * w_cap
             if w is None:
                 loss = torch.nn.functional.mse_loss(pred.float(), v)
             else:  # weighted mean
@@ -612,14 +663,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay cap (default 0.999)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     parser.add_argument("--log-every", type=int, default=10, help="steps per loss.csv row (default 10)")
-    parser.add_argument("--preset", default="micro", help="model size: micro (shipped) or test (unit-test size)")
+    parser.add_argument("--preset", default="micro", help="model size: micro-head (shipped), micro (the same without the pixel head), micro-v1 (stage 1), test, test-head (unit-test sizes)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 = torch's default)")
     parser.add_argument("--init-from", default=None, help="start from this trained model folder (may be a smaller "
                         "architecture: new attention blocks start as identity)")
     parser.add_argument("--views", type=int, default=1, help="> 1: train on sets of this many views of one object "
                         "with extended attention installed (default 1: single images)")
-    parser.add_argument("--train-only", default="all", choices=["all", "attention"],
-                        help="attention: train only the UNet's attention blocks, the rest frozen (default all)")
+    parser.add_argument("--train-only", default="all", choices=["all", "attention", "head"],
+                        help="attention: train only the UNet's attention blocks, the rest frozen; head: only the "
+                        "pixel head of a preset that has one (micro-head) (default all)")
+    parser.add_argument("--loss-weight-cap", type=float, default=None, help="cap every pixel's x0-loss weight "
+                        "(SNR + 1 in the plain v loss) at this value (default: no cap)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     parser.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up (default 200)")
     parser.add_argument("--single-share", type=float, default=0.25, help="with --views > 1, the share of steps on "
                         "single images (default 0.25)")
@@ -687,6 +742,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         correspondence=_parse_strengths(args.correspondence),
         self_correct=args.self_correct,
         self_correct_snr_cap=args.self_correct_snr_cap,
+        loss_weight_cap=args.loss_weight_cap,
+        weight_decay=args.weight_decay,
     )
     try:
         summary = train(cfg, progress=not args.no_progress)
