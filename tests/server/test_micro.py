@@ -718,8 +718,18 @@ def test_refined_v_moves_the_x0_estimate_by_exactly_the_heads_correction_at_the_
     cond = micro_conditioning(generate_batch(3, seed=1, index=0, height=16, width=16).depth)
     abar = pipe.scheduler.alphas_cumprod[torch.tensor([5, 400, 990])]
     v2 = refine_prediction(pipe.head, v, x_t, cond, abar)
-    a, s = abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
-    x0, x0_2 = a * x_t - s * v, a * x_t - s * v2
+    s = (1 - abar).sqrt().view(-1, 1, 1, 1)
+    # x0 as the model's own scheduler reads it off a v prediction (DDIM, clipping off so nothing is cut)
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
+    sched.set_timesteps(1000)
+
+    def x0_of(out):
+        return torch.cat([sched.step(out[i : i + 1], int(k), x_t[i : i + 1]).pred_original_sample
+                          for i, k in enumerate([5, 400, 990])])
+
+    x0, x0_2 = x0_of(v), x0_of(v2)
     with torch.no_grad():
         r = pipe.head(torch.nn.functional.pixel_shuffle(x0, 2), torch.nn.functional.pixel_shuffle(cond, 2), s.view(-1))
     g = silhouette_tokens(cond)
@@ -754,6 +764,9 @@ def test_a_model_with_a_pixel_head_saves_loads_and_samples_alike_everywhere(tmp_
         plain = loaded.unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb).sample
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (a - plain).abs().max() > 1e-3  # the head is in the path
+    with torch.no_grad():  # a float timestep (Euler-type schedulers) reads the same abar where it is a whole number
+        c = loaded.predict_v(torch.cat([x_t, cond], 1), torch.tensor(600.0), emb)
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
     # a model saved without a head (every micro model before the head) still loads, with head None
     build_pipeline("test", seed=0).save_pretrained(tmp_path / "old")
     assert MicroPipeline.from_pretrained(tmp_path / "old").head is None
@@ -780,7 +793,9 @@ def test_training_only_the_head_leaves_the_networks_as_they_were_and_resumes_exa
               progress=False)
     train(TrainConfig(out=str(tmp_path / "split"), steps=4, resume=True, **common), progress=False)
     assert _read_log(tmp_path / "whole" / LOSS_LOG) == _read_log(tmp_path / "split" / LOSS_LOG)
-    # a preset without a head cannot train one, nor start from a model that has one
+    # a head needs a trained model under it; a preset without a head cannot train one, nor start from a model that has one
+    with pytest.raises(TrainError, match="needs --init-from"):
+        train(TrainConfig(out=str(tmp_path / "z"), steps=1, **{**common, "init_from": None}), progress=False)
     with pytest.raises(TrainError, match="no pixel head"):
         train(TrainConfig(out=str(tmp_path / "x"), steps=1, **{**common, "preset": "test"}), progress=False)
     with pytest.raises(TrainError, match="has a pixel head"):

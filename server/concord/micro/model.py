@@ -21,7 +21,7 @@ Architecture (every part a diffusers / transformers class):
   (`MicroConfig`).
 - **pixel head** (preset "micro-head", the shipped model): `MicroPixelHead`, ~2.6k parameters at pixel resolution,
   corrects the UNet's x0 estimate on the latent tokens that straddle the silhouette, which the 2x2-pixel tokens
-  cannot resolve (`refine_prediction`; every caller goes through `micro_predict`). Older models have none.
+  cannot resolve (`refine_prediction`, called through `micro_predict`). Older models have none.
 - **text**: a 2-layer `CLIPTextModel` (width 64, 16 positions, ~0.1M parameters) trained from scratch with the
   UNet, on a word-level tokenizer built in code (`build_tokenizer`: the generator's words + specials; unknown
   words map to `<unk>`), a `tokenizers` WordLevel model wrapped in transformers' fast tokenizer, saved and loaded
@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from concord.micro.data import VOCABULARY
 from concord.pipelines.denoiser import ConcatDenoiser, DiffusionParts, PixelUnshuffleCodec
-from concord.pipelines.sampler import guided_output
+from concord.pipelines.sampler import abar_at, guided_output
 
 __all__ = [
     "MicroConfig",
@@ -99,7 +100,7 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 
 @dataclass(frozen=True)
 class MicroConfig:
-    """Sizes of the micro model. `PRESET_CONFIGS["micro"]` is the shipped one; `"test"` is for unit tests."""
+    """Sizes of the micro model. `PRESET_CONFIGS["micro-head"]` is the shipped one; `"test"` is for unit tests."""
 
     block_out_channels: tuple[int, ...] = (48, 96, 96)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
@@ -123,7 +124,7 @@ class MicroConfig:
 
 
 PRESET_CONFIGS: dict[str, MicroConfig] = {
-    # Attention (self + cross) at the 16x16 and 8x8 levels and in the middle block: the shipped model.
+    # Attention (self + cross) at the 16x16 and 8x8 levels and in the middle block: stages 2 and 3 of the shipped model.
     "micro": MicroConfig(),
     # The first shipped model: attention at 8x8 and in the middle only. Stage 1 of the shipped model's training
     # (docs/micro-model.md): `--init-from` grows it into "micro" without changing what it computes.
@@ -330,14 +331,16 @@ def silhouette_tokens(cond: torch.Tensor) -> torch.Tensor:
 def micro_predict(unet, head, alphas_cumprod: torch.Tensor, model_in: torch.Tensor, t, emb) -> torch.Tensor:
     """v for the UNet input `model_in` = [x_t (12 channels), conditioning] at timestep(s) `t` (a scalar or one per
     sample): the UNet's prediction, through `refine_prediction` when `head` is not None. Used by the pipeline, the
-    multi-view sampler's `MicroDenoiser` and the trainer alike, so all three run one model."""
+    multi-view sampler's `MicroDenoiser` and the trainer alike, so all three run one model (the trainer's head-only
+    stage calls `refine_prediction` itself, on the frozen UNet's output computed without gradients)."""
     kw = {} if emb is None else {"encoder_hidden_states": emb.to(unet.dtype)}
     v = unet(model_in.to(unet.dtype), t, return_dict=False, **kw)[0]
     if head is None:
         return v
     n = unet.config.out_channels
-    tt = torch.as_tensor(t, device=alphas_cumprod.device).long().reshape(-1)
-    abar = alphas_cumprod[tt].to(v.device)
+    # abar at each timestep; a fractional one (Euler's interpolated timesteps) interpolated as the sampler does
+    sched = SimpleNamespace(alphas_cumprod=alphas_cumprod)
+    abar = torch.tensor([abar_at(sched, x) for x in torch.as_tensor(t).reshape(-1).tolist()], device=v.device)
     return refine_prediction(head, v, model_in[:, :n], model_in[:, n:], abar)
 
 
@@ -640,7 +643,7 @@ def load_micro(path: str | Path | None = None, device: str | torch.device = "cpu
     return pipe.to(device)
 
 
-def _sizes_summary(config: MicroConfig | str = "micro") -> dict:
+def _sizes_summary(config: MicroConfig | str = "micro-head") -> dict:
     """Parameter counts of a freshly built model (for the model card and tests)."""
     comps = build_components(config)
     u, t = count_parameters(comps["unet"]), count_parameters(comps["text_encoder"])

@@ -357,6 +357,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise TrainError("--train-only must be all, attention or head")
     if cfg.train_only == "head" and PRESET_CONFIGS[cfg.preset].head_channels <= 0:
         raise TrainError(f"--train-only head: preset {cfg.preset} has no pixel head (try micro-head)")
+    if cfg.train_only == "head" and cfg.init_from is None:
+        raise TrainError("--train-only head needs --init-from: the head corrects a trained model, not a random one")
     if cfg.loss_weight_cap is not None and not cfg.loss_weight_cap >= 1.0:
         raise TrainError("--loss-weight-cap must be >= 1")
     if cfg.set_timesteps not in ("independent", "shared"):
@@ -411,7 +413,7 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
         head.train()
         params = list(head.parameters())
     elif cfg.train_only == "attention":  # the transformer blocks (self/cross attention, feed-forward, their norms)
-        for m in (unet, text_encoder):
+        for m in (unet, text_encoder) + ((head,) if head is not None else ()):
             m.requires_grad_(False)
         params = [prm for name, prm in unet.named_parameters() if ".attentions." in name]
         for prm in params:
@@ -429,7 +431,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         same = ("preset", "seed", "views", "single_share", "init_from", "train_only", "open_share", "set_timesteps",
-                "edge_weight", "correspondence", "self_correct", "self_correct_snr_cap", "loss_weight_cap")
+                "edge_weight", "correspondence", "self_correct", "self_correct_snr_cap", "loss_weight_cap",
+                "weight_decay")
         if any(ck["config"].get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k) for k in same) or ck["batch"] != batch:
             written = " ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise TrainError(f"{ckpt_path} was written with {written} batch={ck['batch']}; resume with the same values")
