@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"metric": "pattern_classifier_holdout_accuracy", "value": res["pattern_classifier_holdout_accuracy"]})
     rows.append({"metric": "seconds_per_image", "value": res["seconds_per_image"]})
     params = count_parameters(pipe.unet) + count_parameters(pipe.text_encoder)
-    params += count_parameters(pipe.head) if getattr(pipe, "head", None) is not None else 0
+    params += count_parameters(pipe.head) if pipe.head is not None else 0
     setting = {
         "model": args.model,
         "samples": args.samples,

@@ -314,7 +314,7 @@ def refine_prediction(head, v: torch.Tensor, x_t: torch.Tensor, cond: torch.Tens
     alpha, sigma = a.sqrt(), (1.0 - a).sqrt()
     vf, xf = v.float(), x_t.float()
     x0 = alpha * xf - sigma * vf
-    dt = next(head.parameters()).dtype
+    dt = head.dtype
     r = head(F.pixel_shuffle(x0, FACTOR).to(dt), F.pixel_shuffle(cond.float(), FACTOR).to(dt),
              sigma.expand(v.shape[0], 1, 1, 1).to(dt))
     g = silhouette_tokens(cond).to(vf.dtype)
@@ -328,13 +328,15 @@ def silhouette_tokens(cond: torch.Tensor) -> torch.Tensor:
     return bg.any(1, keepdim=True) & (~bg).any(1, keepdim=True)
 
 
-def micro_predict(unet, head, alphas_cumprod: torch.Tensor, model_in: torch.Tensor, t, emb) -> torch.Tensor:
+def micro_predict(unet, head, alphas_cumprod: torch.Tensor, model_in: torch.Tensor, t, emb,
+                  unet_grad: bool = True) -> torch.Tensor:
     """v for the UNet input `model_in` = [x_t (12 channels), conditioning] at timestep(s) `t` (a scalar or one per
     sample): the UNet's prediction, through `refine_prediction` when `head` is not None. Used by the pipeline, the
-    multi-view sampler's `MicroDenoiser` and the trainer alike, so all three run one model (the trainer's head-only
-    stage calls `refine_prediction` itself, on the frozen UNet's output computed without gradients)."""
+    multi-view sampler's `MicroDenoiser` and the trainer alike, so all three run one model. `unet_grad=False` runs
+    the UNet without gradients (the trainer's head-only stage: its output is a constant input to the head)."""
     kw = {} if emb is None else {"encoder_hidden_states": emb.to(unet.dtype)}
-    v = unet(model_in.to(unet.dtype), t, return_dict=False, **kw)[0]
+    with torch.set_grad_enabled(unet_grad and torch.is_grad_enabled()):
+        v = unet(model_in.to(unet.dtype), t, return_dict=False, **kw)[0]
     if head is None:
         return v
     n = unet.config.out_channels
@@ -589,8 +591,6 @@ class MicroDenoiser(ConcatDenoiser):
     # `modules` stays [unet]: they are the networks whose attention the consistency methods patch; the head has none
 
     def predict(self, x_t, t, text_embeddings, control):
-        if self.head is None:
-            return super().predict(x_t, t, text_embeddings, control)
         dt = self.unet.dtype
         x = torch.cat([x_t.to(dt), control.to(dt)], dim=1)
         return micro_predict(self.unet, self.head, self.alphas_cumprod, x, t, text_embeddings)

@@ -604,14 +604,8 @@ def _train(cfg: TrainConfig, progress: bool, device, batch: int) -> dict:
                 w_own = torch.where(own, self_correction_weight(abar, cfg.self_correct_snr_cap), 1.0)
                 w = w_own if w is None else w * w_own
             with extended_attention([unet] if views > 1 else [], views, bias=bias):
-                if networks_train:
-                    pred = micro_predict(unet, head, alphas_cumprod, torch.cat([x_t, cond], 1), t, emb)
-                else:  # only the head trains: the UNet's prediction is a constant input to it
-                    from concord.micro.model import refine_prediction
-
-                    with torch.no_grad():
-                        v_unet = unet(torch.cat([x_t, cond], 1), t, encoder_hidden_states=emb, return_dict=False)[0]
-                    pred = refine_prediction(head, v_unet, x_t, cond, abar.view(-1))
+                pred = micro_predict(unet, head, alphas_cumprod, torch.cat([x_t, cond], 1), t, emb,
+                                     unet_grad=networks_train)
             if cfg.loss_weight_cap is not None:
                 w_cap = capped_loss_weight(abar, cfg.loss_weight_cap).expand_as(v)
                 w = w_cap if w is None else w * w_cap
